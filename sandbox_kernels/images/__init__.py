@@ -1,0 +1,1 @@
+"""Image builders: Debian root filesystems for Docker images and VM disks."""

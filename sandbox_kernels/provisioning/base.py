@@ -1,0 +1,445 @@
+"""The provisioner base: the kernel lifecycle that every sandbox runtime shares.
+
+:class:`SandboxProvisioner` implements jupyter_client's ``KernelProvisionerBase``. It owns the
+connection file, the launch timeout, ``poll``/``wait``/signals, restarts, persistence and
+clean-up on every path (failure, Ctrl-C, interpreter exit). A runtime subclass (Docker, libvirt,
+Kubernetes, SSH host) fills in the small ``async`` hooks at the bottom of the class.
+
+Lifecycle as driven by ``KernelManager``::
+
+    pre_launch()        -> write the connection file, build the command and environment
+    launch_kernel()     -> create_sandbox() (first start or after loss), start_kernel(),
+                           wait_ready(); bounded by ``launch_timeout``; tears down on failure
+    poll()/wait()       -> kernel_exit_code() (never "dead" while a snapshot is in progress)
+    send_signal()       -> signal_kernel()
+    cleanup(restart)    -> restart: keep the sandbox; else destroy_sandbox()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import weakref
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Float, List, TraitError, Unicode
+
+from ..errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout
+from ..settings import check_env, check_name, env_default
+from ..labels import owner_labels
+
+#: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
+_FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
+#: Variables from the server's environment that reach the kernel unless configured otherwise.
+_DEFAULT_PASSTHROUGH = ["JPY_SESSION_NAME"]
+
+
+class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Base class of every sandbox provisioner; subclasses implement the runtime hooks."""
+
+    #: Short runtime name used in labels, logs and the state directory ("docker", "libvirt").
+    runtime: ClassVar[str] = ""
+    #: Kernelspec name this runtime ships (for messages).
+    kernel_name: ClassVar[str] = ""
+
+    launch_timeout = Float(
+        120.0,
+        config=True,
+        help="Seconds allowed for the sandbox to start and the kernel in it to come up. "
+        "Bounds the whole of launch_kernel, which papermill's --start-timeout does not. "
+        "Env: SANDBOX_KERNELS_LAUNCH_TIMEOUT.",
+    )
+    _launch_timeout_default = env_default("launch_timeout", "SANDBOX_KERNELS_LAUNCH_TIMEOUT")
+
+    env_passthrough = List(
+        Unicode(),
+        default_value=_DEFAULT_PASSTHROUGH,
+        config=True,
+        help="Names of variables from the Jupyter server's environment passed into the sandbox. "
+        "The kernelspec's own 'env' is always passed; nothing else from the host leaks in.",
+    )
+
+    state_root = Unicode(
+        config=True,
+        help="Directory for per-kernel state (ipc sockets, keys, logs, overlays); created 0700. "
+        "Env: SANDBOX_KERNELS_STATE_DIR. Default: $XDG_RUNTIME_DIR/sandbox-kernels or "
+        "/tmp/sandbox-kernels-<uid>.",
+    )
+    _state_root_default = env_default("state_root", "SANDBOX_KERNELS_STATE_DIR")
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - _FRAMEWORK_KWARGS - set(self.class_trait_names(config=True)))
+        if unknown:
+            valid = ", ".join(sorted(self.class_trait_names(config=True)))
+            raise SandboxConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))} in the kernelspec's "
+                f"metadata.kernel_provisioner.config for {type(self).__name__}. "
+                f"Valid settings: {valid}."
+            )
+        try:
+            super().__init__(**kwargs)
+        except TraitError as e:
+            raise SandboxConfigError(
+                f"invalid kernelspec setting for {type(self).__name__}: {e}"
+            ) from e
+        self._has_process = False
+        self._sandbox_ready = False
+        self._busy = 0  # snapshot/rollback operations in progress: poll() reports alive
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sandbox_env: dict[str, str] = {}
+        self._state_dir: Path | None = None
+
+    # -- settings --------------------------------------------------------------------------
+
+    def _state_root_fallback(self) -> str:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and os.path.isdir(xdg):
+            return os.path.join(xdg, "sandbox-kernels")
+        return f"/tmp/sandbox-kernels-{os.getuid()}"
+
+    @property
+    def state_dir(self) -> Path:
+        """This kernel's private state directory (mode 0700), created on first use."""
+        if self._state_dir is None:
+            root = Path(self.state_root or self._state_root_fallback())
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(root, 0o700)
+            path = root / check_name(self.kernel_id, "kernel id")
+            path.mkdir(mode=0o700, exist_ok=True)
+            self._state_dir = path
+        return self._state_dir
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels put on everything created for this kernel (kernel id, runtime, owner)."""
+        return owner_labels(self.kernel_id, self.runtime)
+
+    @property
+    def sandbox_name(self) -> str:
+        """The name given to this kernel's sandbox: ``sandbox-kernels-<kernel id>``."""
+        return f"sandbox-kernels-{check_name(self.kernel_id, 'kernel id')}"
+
+    def validate_settings(self) -> None:
+        """Check settings whose validity a trait type cannot express (sizes, paths).
+
+        Called from :meth:`pre_launch` before anything is created. Subclasses call ``super()``.
+
+        Raises:
+            SandboxConfigError: a setting is invalid; the message names it.
+        """
+        if self.launch_timeout <= 0:
+            raise SandboxConfigError(f"launch_timeout={self.launch_timeout} must be positive.")
+
+    # -- jupyter_client provisioner API ----------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        """Whether a kernel was launched and not yet cleaned up (read by ``KernelManager``)."""
+        return self._has_process
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Validate settings, write the connection file and build the command and env.
+
+        Called from ``KernelManager.pre_start_kernel()``.
+        """
+        self.validate_settings()
+        km = self.parent
+        self.configure_transport(km)
+        env = kwargs.get("env", os.environ)
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+        # jupyter_client swaps "python3" for the server's own interpreter: undo that, the
+        # command runs inside the sandbox.
+        cmd[0] = self.kernel_spec.argv[0]
+        host_file = km.connection_file
+        cmd = [self.sandbox_connection_file() if arg == host_file else arg for arg in cmd]
+        kwargs = await super().pre_launch(cmd=cmd, **kwargs)
+        self._sandbox_env = self._select_env(kwargs["env"])
+        return kwargs
+
+    def _select_env(self, full_env: dict[str, str]) -> dict[str, str]:
+        wanted = set(self.kernel_spec.env) | set(self.env_passthrough)
+        env = {k: v for k, v in full_env.items() if k in wanted}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return check_env(env)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the sandbox if needed and the kernel in it, within ``launch_timeout``.
+
+        Called from ``KernelManager._async_launch_kernel()``. On any failure, including
+        cancellation, everything created for this kernel is removed before the error is raised.
+
+        Raises:
+            SandboxTimeout: the sandbox or kernel did not come up within ``launch_timeout``.
+            SandboxError: the runtime failed; the message says what to do.
+        """
+        _track(self)
+        try:
+            await asyncio.wait_for(self._launch(cmd), timeout=self.launch_timeout)
+        except asyncio.TimeoutError as e:
+            detail = await self._safe_diagnostics()
+            await _shielded(self._teardown())
+            raise SandboxTimeout(
+                f"{self.kernel_name or self.runtime} kernel did not start within "
+                f"launch_timeout={self.launch_timeout:g} s. Raise the setting "
+                f"(kernelspec config or SANDBOX_KERNELS_LAUNCH_TIMEOUT) if the machine is slow."
+                f"{detail}"
+            ) from e
+        except BaseException:
+            await _shielded(self._teardown())
+            raise
+        self._has_process = True
+        return self.connection_info
+
+    async def _launch(self, cmd: list[str]) -> None:
+        if not self._sandbox_ready:
+            self.log.info("Starting %s sandbox %s", self.runtime, self.sandbox_name)
+            await self.create_sandbox()
+            self._sandbox_ready = True
+        await self.start_kernel(cmd, self._sandbox_env)
+        await self.wait_ready()
+
+    async def poll(self) -> int | None:
+        """Return None while the kernel runs, else its exit code (-1 when the sandbox is gone).
+
+        Called from ``KernelManager.is_alive()`` and the restarter. While a snapshot or
+        rollback is in progress the kernel is reported alive.
+        """
+        if not self._has_process:
+            return 0
+        if self._busy:
+            return None
+        try:
+            return await self.kernel_exit_code()
+        except SandboxError as e:
+            self.log.warning("Kernel %s: sandbox check failed, reporting dead: %s", self.kernel_id, e)
+            return -1
+
+    async def wait(self) -> int | None:
+        """Wait until the kernel has exited; called from ``KernelManager.finish_shutdown()``."""
+        while True:
+            code = await self.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(0.1)
+
+    async def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the kernel process; called from ``KernelManager.signal_kernel()``."""
+        if signum == 0 or not self._has_process:
+            return
+        await self.idle()
+        await self.signal_kernel(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Kill the kernel process; called from ``KernelManager._kill_kernel()``."""
+        if self._has_process:
+            with contextlib.suppress(SandboxError):
+                await self.signal_kernel(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Terminate the kernel process; called from ``KernelManager._send_kernel_sigterm()``."""
+        if self._has_process:
+            with contextlib.suppress(SandboxError):
+                await self.signal_kernel(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Release resources; called from ``KernelManager.cleanup_resources()``.
+
+        On restart the sandbox is kept (the next ``launch_kernel`` starts a fresh kernel in it)
+        unless :meth:`keep_sandbox_on_restart` says otherwise. Otherwise everything goes.
+        """
+        self._has_process = False
+        if restart and self._sandbox_ready and await self.keep_sandbox_on_restart():
+            await self.stop_kernel()
+            return
+        await _shielded(self._teardown())
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Add the runtime's state so another server process can re-attach (see ``reap``)."""
+        info = await super().get_provisioner_info()
+        info.update(
+            runtime=self.runtime,
+            sandbox_name=self.sandbox_name,
+            state_dir=str(self.state_dir),
+            sandbox_state=self.runtime_state(),
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Re-attach to a sandbox described by :meth:`get_provisioner_info`."""
+        await super().load_provisioner_info(provisioner_info)
+        self._state_dir = Path(provisioner_info["state_dir"])
+        self.load_runtime_state(provisioner_info.get("sandbox_state", {}))
+        self._sandbox_ready = True
+        self._has_process = True
+        _track(self)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """Allow a little longer than a local kernel: signals cross an API or a tunnel."""
+        return max(recommended, 4.0)
+
+    # -- snapshot coordination ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def busy(self):  # type: ignore[no-untyped-def]
+        """Mark a snapshot or rollback in progress: ``poll`` reports alive, signals wait."""
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Wait until no snapshot or rollback is in progress."""
+        await self._idle.wait()
+
+    # -- teardown --------------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        self._has_process = False
+        self._sandbox_ready = False
+        try:
+            await self.destroy_sandbox()
+        finally:
+            if self._state_dir is not None:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+                self._state_dir = None
+            _untrack(self)
+
+    async def _safe_diagnostics(self) -> str:
+        try:
+            text = await asyncio.wait_for(self.diagnostics(), timeout=10)
+        except Exception as e:  # diagnostics must never hide the original error
+            return f"\n(could not collect diagnostics: {e})"
+        return f"\n{text}" if text else ""
+
+    # -- hooks for runtimes ----------------------------------------------------------------
+
+    def configure_transport(self, km: Any) -> None:
+        """Choose the ZMQ transport and address the client side uses.
+
+        Called from :meth:`pre_launch` before the connection file is written. The default is
+        TCP on 127.0.0.1 (ports forwarded from the sandbox); Docker overrides it with ``ipc``.
+        """
+        km.transport = "tcp"
+        km.ip = "127.0.0.1"
+
+    def sandbox_connection_file(self) -> str:
+        """Path of the connection file as the kernel inside the sandbox sees it."""
+        return "/tmp/sandbox-kernel-connection.json"
+
+    def sandbox_connection_info(self) -> dict[str, Any]:
+        """The connection info written for the kernel inside the sandbox (bytes key decoded)."""
+        info = dict(self.connection_info)
+        key = info.get("key", b"")
+        info["key"] = key.decode() if isinstance(key, bytes) else key
+        info.pop("curve_secretkey", None)
+        info.pop("curve_publickey", None)
+        return info
+
+    def runtime_state(self) -> dict[str, Any]:
+        """JSON-able state a re-attaching process needs (container id, ports, ...)."""
+        return {}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+
+    async def keep_sandbox_on_restart(self) -> bool:
+        """Whether a restart reuses the sandbox (default) rather than creating a new one."""
+        return True
+
+    async def wait_ready(self) -> None:
+        """Wait until the kernel in the sandbox is listening; default returns at once."""
+
+    async def diagnostics(self) -> str:
+        """Text appended to launch errors (a log tail); default empty."""
+        return ""
+
+    async def stop_kernel(self) -> None:
+        """Make sure the kernel process is gone before a restart in the same sandbox."""
+        with contextlib.suppress(SandboxError):
+            await self.signal_kernel(signal.SIGKILL)
+
+    @abstractmethod
+    async def create_sandbox(self) -> None:
+        """Create and start the sandbox (container, VM, pod, remote directory).
+
+        Called from :meth:`launch_kernel` on the first start and after the sandbox was lost.
+        Raise :class:`SandboxError` subclasses with actionable messages.
+        """
+
+    @abstractmethod
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Start the kernel process ``cmd`` with ``env`` inside the ready sandbox.
+
+        Called from :meth:`launch_kernel`. The connection file for the sandbox side is given
+        by :meth:`sandbox_connection_info` and must be in place before the kernel starts.
+        """
+
+    @abstractmethod
+    async def kernel_exit_code(self) -> int | None:
+        """None while the kernel runs, else its exit code (-1 if the sandbox is gone).
+
+        Called from :meth:`poll`; must be cheap (the restarter calls it every few seconds).
+        """
+
+    @abstractmethod
+    async def signal_kernel(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel process inside the sandbox."""
+
+    @abstractmethod
+    async def destroy_sandbox(self) -> None:
+        """Remove everything created for this kernel; must succeed when partly created.
+
+        Called on shutdown, on launch failure and at interpreter exit. Idempotent.
+        """
+
+
+async def _shielded(coro: Any) -> None:
+    """Run clean-up to completion even if the awaiting task is being cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+# -- last-resort clean-up at interpreter exit (Ctrl-C in papermill, uncaught errors) -----------
+
+_live: weakref.WeakSet[SandboxProvisioner] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _track(provisioner: SandboxProvisioner) -> None:
+    global _atexit_registered
+    _live.add(provisioner)
+    if not _atexit_registered:
+        atexit.register(_cleanup_at_exit)
+        _atexit_registered = True
+
+
+def _untrack(provisioner: SandboxProvisioner) -> None:
+    _live.discard(provisioner)
+
+
+def _cleanup_at_exit() -> None:
+    for provisioner in list(_live):
+        try:
+            asyncio.run(provisioner._teardown())
+        except Exception as e:  # at exit there is nobody left to raise to
+            print(f"sandbox-kernels: could not clean up {provisioner.sandbox_name}: {e}")

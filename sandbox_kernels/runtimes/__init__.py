@@ -1,0 +1,1 @@
+"""Sandbox runtimes, one module each, imported lazily by name (see :mod:`.registry`)."""

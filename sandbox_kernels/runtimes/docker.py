@@ -1,0 +1,262 @@
+"""Docker runtime: one container per kernel, no network, ZMQ over ipc sockets.
+
+The kernel's sockets are unix sockets in a per-kernel directory bind-mounted into the
+container at the same path, so the container needs no network at all. Docker's init
+(``--init``) is PID 1 and forwards signals to the kernel; when the kernel exits the container
+stops, so ``poll`` is a container state check. Restart starts the same container again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+from traitlets import Bool, Float, Int, Unicode, validate
+
+from ..errors import SandboxConfigError, SandboxNotFound, SandboxStartError
+from ..provisioning.base import SandboxProvisioner
+from ..settings import env_default, parse_size
+from .docker_engine import DockerEngine
+
+DEFAULT_IMAGE = "sandbox-kernels/python:latest"
+_CONNECTION_FILE = "connection.json"
+_SANDBOX_UID = 1000  # the image's `executor` user
+
+
+class DockerProvisioner(SandboxProvisioner):
+    """Runs the kernel in a Docker container (kernel name ``sandbox-docker``)."""
+
+    runtime = "docker"
+    kernel_name = "sandbox-docker"
+
+    image = Unicode(DEFAULT_IMAGE, config=True,
+                    help="Image with python3 and ipykernel. Env: SANDBOX_DOCKER_IMAGE.")
+    _image_default = env_default("image", "SANDBOX_DOCKER_IMAGE")
+
+    memory = Unicode("1g", config=True,
+                     help="Memory limit, e.g. '512m', '2g' (no swap beyond it). "
+                     "Env: SANDBOX_DOCKER_MEMORY.")
+    _memory_default = env_default("memory", "SANDBOX_DOCKER_MEMORY")
+
+    cpus = Float(1.0, config=True, help="CPU limit in cores (0 = no limit). Env: SANDBOX_DOCKER_CPUS.")
+    _cpus_default = env_default("cpus", "SANDBOX_DOCKER_CPUS")
+
+    pids_limit = Int(256, config=True,
+                     help="Maximum processes in the container. Env: SANDBOX_DOCKER_PIDS_LIMIT.")
+    _pids_limit_default = env_default("pids_limit", "SANDBOX_DOCKER_PIDS_LIMIT")
+
+    network = Unicode("none", config=True,
+                      help="'none' (default: no network, ipc sockets) or a Docker network name "
+                      "such as 'bridge'; then ports are published on 127.0.0.1 only. "
+                      "Env: SANDBOX_DOCKER_NETWORK.")
+    _network_default = env_default("network", "SANDBOX_DOCKER_NETWORK")
+
+    read_only = Bool(False, config=True,
+                     help="Read-only root filesystem; the work dir and /tmp stay writable "
+                     "(tmpfs). Env: SANDBOX_DOCKER_READ_ONLY.")
+    _read_only_default = env_default("read_only", "SANDBOX_DOCKER_READ_ONLY")
+
+    workdir = Unicode("/home/executor", config=True, help="The kernel's working directory.")
+
+    @validate("cpus")
+    def _check_cpus(self, proposal: dict[str, Any]) -> float:
+        value = proposal["value"]
+        if value < 0 or value > (os.cpu_count() or 1) * 4:
+            raise SandboxConfigError(
+                f"cpus={value} is out of range: use 0 (no limit) up to the host's cores "
+                f"({os.cpu_count()})."
+            )
+        return float(value)
+
+    @validate("pids_limit")
+    def _check_pids(self, proposal: dict[str, Any]) -> int:
+        value = proposal["value"]
+        if not 16 <= value <= 1_000_000:
+            raise SandboxConfigError(f"pids_limit={value} is out of range: use 16 to 1000000.")
+        return int(value)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._engine: DockerEngine | None = None
+        self.container_id: str | None = None
+
+    # -- settings ----------------------------------------------------------------------------
+
+    def validate_settings(self) -> None:
+        """Check memory and the workdir before anything is created."""
+        super().validate_settings()
+        size = parse_size(self.memory, "memory")
+        if size < 64 * 1024**2:
+            raise SandboxConfigError(f"memory={self.memory!r} is too small: the kernel needs 64m or more.")
+        if not self.workdir.startswith("/"):
+            raise SandboxConfigError(f"workdir={self.workdir!r} must be an absolute path.")
+
+    @property
+    def _ipc(self) -> bool:
+        return self.network == "none"
+
+    def configure_transport(self, km: Any) -> None:
+        """ipc sockets in the per-kernel directory, or TCP on 127.0.0.1 with a network."""
+        if self._ipc:
+            km.transport = "ipc"
+            km.ip = str(self.state_dir / "k")
+        else:
+            super().configure_transport(km)
+
+    def sandbox_connection_file(self) -> str:
+        """The connection file sits in the bind-mounted state directory."""
+        return str(self.state_dir / _CONNECTION_FILE)
+
+    def sandbox_connection_info(self) -> dict[str, Any]:
+        """With a network, the kernel binds all interfaces of its own namespace."""
+        info = super().sandbox_connection_info()
+        if not self._ipc:
+            info["ip"] = "0.0.0.0"
+        return info
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    async def _engine_ready(self) -> DockerEngine:
+        if self._engine is None:
+            self._engine = await asyncio.to_thread(DockerEngine)
+        return self._engine
+
+    async def create_sandbox(self) -> None:
+        """Check the engine and image; the container itself is made in :meth:`start_kernel`."""
+        engine = await self._engine_ready()
+        await asyncio.to_thread(engine.check_image, self.image)
+        if os.geteuid() == 0:
+            os.chown(self.state_dir, _SANDBOX_UID, _SANDBOX_UID)
+
+    def _container_spec(self, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+        memory = parse_size(self.memory, "memory")
+        home = self.workdir
+        user = f"{_SANDBOX_UID}:{_SANDBOX_UID}" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+        spec: dict[str, Any] = dict(
+            image=self.image,
+            command=cmd,
+            name=self.sandbox_name,
+            hostname=f"sandbox-{self.kernel_id[:8]}",
+            labels=self.labels,
+            init=True,
+            user=user,
+            environment={**env, "HOME": home},
+            working_dir=home,
+            mem_limit=memory,
+            memswap_limit=memory,
+            pids_limit=self.pids_limit,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=self.read_only,
+            volumes={str(self.state_dir): {"bind": str(self.state_dir), "mode": "rw"}},
+            network_mode=self.network,
+        )
+        if self.cpus:
+            spec["nano_cpus"] = int(self.cpus * 1e9)
+        if self.read_only:
+            spec["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=256m",
+                             home: f"rw,nosuid,nodev,size=512m,uid={user.split(':')[0]}"}
+        if not self._ipc:
+            ports = [self.connection_info[f"{ch}_port"]
+                     for ch in ("shell", "iopub", "stdin", "control", "hb")]
+            spec["ports"] = {f"{p}/tcp": ("127.0.0.1", p) for p in ports}
+        return spec
+
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Write the connection file, then start the existing container or create one."""
+        path = self.state_dir / _CONNECTION_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.sandbox_connection_info(), f)
+        if os.geteuid() == 0:
+            os.chown(path, _SANDBOX_UID, _SANDBOX_UID)
+        engine = await self._engine_ready()
+        if self.container_id:
+            try:
+                await asyncio.to_thread(engine.start, self.container_id)
+                return
+            except SandboxNotFound:
+                self.log.warning("Container of kernel %s was removed; creating a new one", self.kernel_id)
+                self.container_id = None
+        spec = self._container_spec(cmd, env)
+        await asyncio.to_thread(engine.remove, self.sandbox_name)  # a stale one from a crash
+        self.container_id = await asyncio.to_thread(engine.create, **spec)
+        await asyncio.to_thread(engine.start, self.container_id)
+
+    async def wait_ready(self) -> None:
+        """Wait until the kernel has bound its sockets, or fail with the container's output."""
+        engine = await self._engine_ready()
+        info = self.connection_info
+        ports = [info[f"{ch}_port"] for ch in ("shell", "iopub", "stdin", "control", "hb")]
+        deadline = time.monotonic() + self.launch_timeout
+        while time.monotonic() < deadline:
+            if self._ipc and all(os.path.exists(f"{info['ip']}-{p}") for p in ports):
+                return
+            state = await asyncio.to_thread(engine.state, self.container_id)
+            if state is None or state.get("Status") in ("exited", "dead"):
+                logs = await asyncio.to_thread(engine.logs, self.container_id) if state else ""
+                raise SandboxStartError(
+                    f"the kernel in container {self.sandbox_name} exited during start-up "
+                    f"(exit code {state.get('ExitCode') if state else 'unknown'}). Does image "
+                    f"{self.image!r} have python3 with ipykernel? Container output:\n{logs}"
+                )
+            if not self._ipc and state.get("Running"):
+                return  # TCP ports: the client's kernel_info wait covers the rest
+            await asyncio.sleep(0.05)
+
+    async def kernel_exit_code(self) -> int | None:
+        """The container's state: running -> None, exited -> its code, gone -> -1."""
+        if not self.container_id:
+            return -1
+        engine = await self._engine_ready()
+        state = await asyncio.to_thread(engine.state, self.container_id)
+        if state is None:
+            return -1
+        if state.get("Status") in ("created", "running", "restarting", "paused"):
+            return None
+        return int(state.get("ExitCode", -1))
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Signal the container's init, which forwards the signal to the kernel."""
+        if self.container_id:
+            engine = await self._engine_ready()
+            await asyncio.to_thread(engine.kill, self.container_id, signum)
+
+    async def stop_kernel(self) -> None:
+        """Before a restart in the same container: make sure the old kernel has stopped."""
+        if self.container_id:
+            engine = await self._engine_ready()
+            await asyncio.to_thread(engine.kill, self.container_id, 9)
+            await asyncio.to_thread(engine.wait_stopped, self.container_id, 10)
+
+    async def diagnostics(self) -> str:
+        """The container's last output lines."""
+        if not (self.container_id and self._engine):
+            return ""
+        logs = await asyncio.to_thread(self._engine.logs, self.container_id)
+        return f"Container output:\n{logs}" if logs else ""
+
+    async def destroy_sandbox(self) -> None:
+        """Remove the container (by id and by name, so a half-created one goes too)."""
+        try:
+            engine = await self._engine_ready()
+        except Exception:
+            self.log.warning("Docker engine unreachable: container %s may remain "
+                             "(`sandbox-kernels reap` removes it later)", self.sandbox_name)
+            return
+        for ref in filter(None, (self.container_id, self.sandbox_name)):
+            await asyncio.to_thread(engine.remove, ref)
+        self.container_id = None
+        await asyncio.to_thread(engine.close)
+        self._engine = None
+
+    def runtime_state(self) -> dict[str, Any]:
+        """The container id, for re-attaching."""
+        return {"container_id": self.container_id}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        self.container_id = state.get("container_id")

@@ -1,0 +1,31 @@
+"""Doctor checks for the Docker runtime."""
+
+from __future__ import annotations
+
+from ..doctor import RuntimeReport
+from ..errors import SandboxError
+from .docker import DEFAULT_IMAGE
+from .docker_engine import DockerEngine
+
+
+def check(report: RuntimeReport) -> None:
+    """Engine reachable? Default image present?"""
+    try:
+        engine = DockerEngine(timeout=10)
+    except SandboxError as e:
+        report.ok = False
+        report.details.append(str(e))
+        report.fixes.append("apt-get install docker.io && (dockerd > /var/log/dockerd.log 2>&1 &)")
+        return
+    try:
+        version = engine.client.version().get("Version", "?")
+        report.details.append(f"Docker engine {version} reachable")
+        try:
+            engine.check_image(DEFAULT_IMAGE)
+            report.details.append(f"image {DEFAULT_IMAGE} present")
+        except SandboxError:
+            report.ok = False
+            report.details.append(f"image {DEFAULT_IMAGE} missing")
+            report.fixes.append("sandbox-kernels image build docker")
+    finally:
+        engine.close()
