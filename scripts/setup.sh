@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by `make demo`, `make test` and `make bench`:
+# Debian packages, the daemons (dockerd, virtlogd, libvirtd), .venv with the project,
+# the kernelspecs (sys-prefix) and the sandbox images (cached by recipe hash).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (apt-get, dockerd, libvirtd and debootstrap need it)" >&2
+    exit 1
+fi
+
+APT_PACKAGES=(
+    docker.io debootstrap
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+    openssh-server openssh-client e2fsprogs iproute2 zstd
+)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+scripts/daemons.sh
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.sandbox-kernels-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing sandbox-kernels into .venv (pip install -e '.[all,test]')"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[all,test]'
+    echo "$want" > "$stamp"
+fi
+
+log "installing kernelspecs into .venv"
+.venv/bin/sandbox-kernels install-kernelspecs --sys-prefix > /dev/null
+
+log "building images (cached by recipe hash under ~/.cache/sandbox-kernels)"
+.venv/bin/sandbox-kernels image build docker
+log "ready"

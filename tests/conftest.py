@@ -1,0 +1,52 @@
+"""Shared fixtures: real engines, temporary kernelspecs, and the leak check that fails the run.
+
+Every test cleans up what it starts; the session fixture below then fails the run if anything
+labelled as ours (containers, domains, overlays, state directories) is still there, and removes
+it so one leak does not cascade into later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers.leaks import find_leaks, remove_leaks
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("SANDBOX_KERNELS_STATE_DIR", "/tmp/sandbox-kernels-test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_leaked() -> Iterator[None]:
+    """Fail the session if anything labelled as ours is left behind."""
+    before = find_leaks()
+    yield
+    after = find_leaks()
+    leaked = {kind: sorted(set(items) - set(before.get(kind, []))) for kind, items in after.items()}
+    leaked = {k: v for k, v in leaked.items() if v}
+    remove_leaks(leaked)
+    assert not leaked, f"tests left these behind: {json.dumps(leaked, indent=1)}"
+
+
+@pytest.fixture
+def kernelspec_dir(tmp_path: Path) -> Any:
+    """Write a variant of a shipped kernelspec with extra provisioner config; returns a factory."""
+
+    def make(base: str, name: str | None = None, **config: Any) -> Path:
+        spec = json.loads((REPO / "kernelspecs" / base / "kernel.json").read_text())
+        spec["metadata"]["kernel_provisioner"]["config"].update(config)
+        target = tmp_path / "kernels" / (name or f"{base}-variant")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "kernel.json").write_text(json.dumps(spec))
+        return tmp_path / "kernels"
+
+    return make

@@ -1,0 +1,217 @@
+"""The lifecycle suite every runtime passes (like fsspec's ``tests/abstract``).
+
+A runtime's test module subclasses :class:`LifecycleSuite` and supplies a :class:`Runtime`
+through the ``runtime`` fixture: the kernel name, and how to find, break or remove its sandbox
+from outside. Nothing here knows about Docker, libvirt, Kubernetes or SSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Runtime:
+    """What the suite needs to know about one runtime."""
+
+    kernel_name: str
+    #: Does a sandbox for this kernel id exist right now (container, domain, pod, remote dir)?
+    sandbox_exists: Callable[[str], bool]
+    #: Remove/destroy the kernel's sandbox from outside, as an operator or a crash would.
+    destroy_externally: Callable[[str], None]
+    #: Settings that must fail, each with a word the error must contain (the setting name).
+    bad_settings: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    #: Seconds a start may take on this machine (for client waits, not assertions of speed).
+    start_timeout: float = 120.0
+
+
+async def start(kernel_name: str, ksm: KernelSpecManager | None = None,
+                timeout: float = 120.0) -> tuple[AsyncKernelManager, Any]:
+    """Start a kernel and a ready client, or shut everything down and raise."""
+    km = AsyncKernelManager(kernel_name=kernel_name,
+                            **({"kernel_spec_manager": ksm} if ksm else {}))
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=timeout)
+    except BaseException:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+async def run_cell(kc: Any, code: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Execute ``code``; collect stream text, display data, results and errors."""
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "display": [], "result": None, "error": None}
+
+    def hook(msg: dict[str, Any]) -> None:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out[content["name"]] += content["text"]
+        elif kind == "display_data":
+            out["display"].append(content["data"])
+        elif kind == "execute_result":
+            out["result"] = content["data"].get("text/plain")
+        elif kind == "error":
+            out["error"] = content["ename"]
+
+    reply = await kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+    out["status"] = reply["content"]["status"]
+    return out
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, step: float = 0.2) -> bool:
+    """Poll an async predicate until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(step)
+    return False
+
+
+class LifecycleSuite:
+    """Start, execute, outputs, interrupt, restart, death detection, shutdown, papermill."""
+
+    @pytest.fixture
+    def runtime(self) -> Runtime:  # pragma: no cover - supplied by subclasses
+        raise NotImplementedError
+
+    @pytest.fixture
+    def kernel(self, runtime: Runtime, jp_asyncio_loop: Any) -> Any:
+        km, kc = jp_asyncio_loop.run_until_complete(
+            start(runtime.kernel_name, timeout=runtime.start_timeout))
+        try:
+            yield km, kc
+        finally:
+            kc.stop_channels()
+            jp_asyncio_loop.run_until_complete(km.shutdown_kernel(now=True))
+            assert not runtime.sandbox_exists(km.kernel_id), "sandbox left after shutdown"
+
+    async def test_execute_and_outputs(self, kernel: Any) -> None:
+        _, kc = kernel
+        out = await run_cell(
+            kc,
+            "import sys\nfrom IPython.display import display, HTML\n"
+            "print('to stdout'); print('to stderr', file=sys.stderr)\n"
+            "display(HTML('<b>rich</b>'))\n6 * 7",
+        )
+        assert out["status"] == "ok"
+        assert out["stdout"] == "to stdout\n"
+        assert out["stderr"] == "to stderr\n"
+        assert out["display"][0]["text/html"] == "<b>rich</b>"
+        assert out["result"] == "42"
+        err = await run_cell(kc, "1/0")
+        assert err["status"] == "error" and err["error"] == "ZeroDivisionError"
+
+    async def test_runs_in_the_sandbox(self, kernel: Any, runtime: Runtime) -> None:
+        km, kc = kernel
+        assert runtime.sandbox_exists(km.kernel_id)
+        out = await run_cell(kc, "import os, socket; print(socket.gethostname(), os.getuid())")
+        host, uid = out["stdout"].split()
+        assert host != os.uname().nodename
+        assert uid != "0", "the kernel must not run as root in the sandbox"
+
+    async def test_interrupt(self, kernel: Any) -> None:
+        km, kc = kernel
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = await kc.get_shell_msg(timeout=30)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 30
+        await asyncio.sleep(1)  # ipykernel aborts requests queued right after an error
+        after = await run_cell(kc, "print('alive')")
+        assert after["stdout"] == "alive\n", after
+
+    async def test_restart_resets_state(self, kernel: Any, runtime: Runtime) -> None:
+        km, kc = kernel
+        await run_cell(kc, "x = 41")
+        await km.restart_kernel(now=False)
+        await kc.wait_for_ready(timeout=runtime.start_timeout)
+        out = await run_cell(kc, "print('x' in globals())")
+        assert out["stdout"] == "False\n"
+        assert (await run_cell(kc, "print(1 + 1)"))["stdout"] == "2\n"
+        assert runtime.sandbox_exists(km.kernel_id)
+
+    async def test_kernel_death_detected_and_auto_restarted(self, kernel: Any, runtime: Runtime) -> None:
+        km, kc = kernel
+        restarts: list[str] = []
+        restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
+        restarter.add_callback(lambda: restarts.append("restart"), "restart")
+        restarter.start()
+        try:
+            kc.execute("import os; os._exit(3)")
+            # The restart callback fires only once the restarter's poll saw the kernel dead.
+            assert await wait_until(lambda: _truthy(restarts), timeout=runtime.start_timeout), \
+                "kernel death was not detected"
+            await kc.wait_for_ready(timeout=runtime.start_timeout)
+            assert (await run_cell(kc, "print('back')"))["stdout"] == "back\n"
+        finally:
+            restarter.stop()
+
+    async def test_sandbox_removed_from_outside_detected(self, kernel: Any, runtime: Runtime) -> None:
+        km, _ = kernel
+        runtime.destroy_externally(km.kernel_id)
+        assert await wait_until(lambda: _false(km), timeout=10), "a removed sandbox must poll dead"
+
+    async def test_shutdown_leaves_nothing(self, runtime: Runtime) -> None:
+        km, kc = await start(runtime.kernel_name, timeout=runtime.start_timeout)
+        kid = km.kernel_id
+        kc.stop_channels()
+        await km.shutdown_kernel()
+        assert not runtime.sandbox_exists(kid)
+        state_root = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"])
+        assert not (state_root / kid).exists(), "per-kernel state directory left behind"
+
+    async def test_bad_settings_name_the_setting(self, runtime: Runtime, kernelspec_dir: Any) -> None:
+        for config, word in runtime.bad_settings:
+            kdir = kernelspec_dir(runtime.kernel_name, name="bad", **config)
+            ksm = KernelSpecManager(kernel_dirs=[str(kdir)])
+            km = AsyncKernelManager(kernel_name="bad", kernel_spec_manager=ksm)
+            with pytest.raises(Exception) as info:
+                await km.start_kernel()
+            assert word in str(info.value), f"{config}: {info.value}"
+            assert not km.has_kernel
+
+    def test_papermill_cli(self, runtime: Runtime, tmp_path: Path) -> None:
+        out = tmp_path / "out.ipynb"
+        proc = subprocess.run(
+            [str(VENV_BIN / "papermill"), "-k", runtime.kernel_name,
+             str(REPO / "tests" / "notebooks" / "smoke.ipynb"), str(out), "-p", "n", "5"],
+            capture_output=True, text=True, timeout=runtime.start_timeout + 120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        nb = json.loads(out.read_text())
+        texts = ["".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", [])]
+        assert "sum=15" in "".join(texts)
+
+
+async def _false(km: AsyncKernelManager) -> bool:
+    return not await km.is_alive()
+
+
+async def _truthy(items: list[str]) -> bool:
+    return bool(items)
