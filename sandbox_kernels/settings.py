@@ -105,3 +105,18 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
         if not isinstance(value, str) or "\0" in value:
             raise SandboxConfigError(f"environment variable {name} must be text without NUL bytes.")
     return env
+
+
+def default_state_root() -> str:
+    """Where per-kernel state lives unless ``state_root`` is set.
+
+    ``$SANDBOX_KERNELS_STATE_DIR``, else ``$XDG_RUNTIME_DIR/sandbox-kernels``, else
+    ``/tmp/sandbox-kernels-<uid>``. The CLI uses the same rule to find a kernel's control socket.
+    """
+    explicit = os.environ.get("SANDBOX_KERNELS_STATE_DIR")
+    if explicit:
+        return explicit
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "sandbox-kernels")
+    return f"/tmp/sandbox-kernels-{os.getuid()}"

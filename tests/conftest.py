@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("SANDBOX_KERNELS_STATE_DIR", "/tmp/sandbox-kernels-test")
+    # pytest-jupyter's jp_environ moves HOME: pin the image cache before it does.
+    from sandbox_kernels.cache import cache_dir
+
+    os.environ.setdefault("SANDBOX_KERNELS_CACHE", str(cache_dir()))
+
+
+@pytest.fixture
+def jp_env_jupyter_path() -> str:
+    """Let test servers see the kernelspecs and labextension installed into .venv."""
+    return str(Path(sys.prefix) / "share" / "jupyter")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,11 +30,13 @@ from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Float, List, TraitError, Unicode
+from traitlets import Float, List, TraitError, Unicode, default
 
-from ..errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout
-from ..settings import check_env, check_name, env_default
+from ..errors import SandboxConfigError, SandboxError, SandboxTimeout, SandboxUnavailable
+from ..snapshots.model import Capabilities, Snapshot
+from ..settings import check_env, check_name, default_state_root, env_default
 from ..labels import owner_labels
+from ..snapshots.control import ControlServer
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
@@ -73,7 +75,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "Env: SANDBOX_KERNELS_STATE_DIR. Default: $XDG_RUNTIME_DIR/sandbox-kernels or "
         "/tmp/sandbox-kernels-<uid>.",
     )
-    _state_root_default = env_default("state_root", "SANDBOX_KERNELS_STATE_DIR")
+
+    @default("state_root")
+    def _state_root_default(self) -> str:
+        return default_state_root()
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _FRAMEWORK_KWARGS - set(self.class_trait_names(config=True)))
@@ -97,20 +102,15 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._idle.set()
         self._sandbox_env: dict[str, str] = {}
         self._state_dir: Path | None = None
+        self._control: ControlServer | None = None
 
     # -- settings --------------------------------------------------------------------------
-
-    def _state_root_fallback(self) -> str:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        if xdg and os.path.isdir(xdg):
-            return os.path.join(xdg, "sandbox-kernels")
-        return f"/tmp/sandbox-kernels-{os.getuid()}"
 
     @property
     def state_dir(self) -> Path:
         """This kernel's private state directory (mode 0700), created on first use."""
         if self._state_dir is None:
-            root = Path(self.state_root or self._state_root_fallback())
+            root = Path(self.state_root or default_state_root())
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(root, 0o700)
             path = root / check_name(self.kernel_id, "kernel id")
@@ -200,6 +200,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await _shielded(self._teardown())
             raise
         self._has_process = True
+        if self._control is None:
+            self._control = ControlServer(self)
+            await self._control.start()
         return self.connection_info
 
     async def _launch(self, cmd: list[str]) -> None:
@@ -307,11 +310,36 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Wait until no snapshot or rollback is in progress."""
         await self._idle.wait()
 
+    # -- snapshot hooks (optional: runtimes that support snapshots override them) -----------
+
+    def snapshot_capabilities(self) -> Capabilities:
+        """Kinds of snapshot this runtime offers; default: none."""
+        return Capabilities(kinds=[], default_kind="", note=f"the {self.runtime} runtime has no snapshots")
+
+    async def snapshot_list(self) -> list[Snapshot]:
+        """This kernel's snapshots."""
+        return []
+
+    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
+        """Take snapshot ``name``; called by :class:`SnapshotService` with the kernel marked busy."""
+        raise SandboxUnavailable(f"the {self.runtime} runtime cannot take snapshots")
+
+    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
+        """Return to ``snapshot``; returns whether the kernel process was restarted."""
+        raise SandboxUnavailable(f"the {self.runtime} runtime cannot roll back")
+
+    async def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """Delete ``snapshot``."""
+        raise SandboxUnavailable(f"the {self.runtime} runtime cannot delete snapshots")
+
     # -- teardown --------------------------------------------------------------------------
 
     async def _teardown(self) -> None:
         self._has_process = False
         self._sandbox_ready = False
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
         try:
             await self.destroy_sandbox()
         finally:

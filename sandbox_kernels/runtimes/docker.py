@@ -9,19 +9,27 @@ stops, so ``poll`` is a container state check. Restart starts the same container
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Float, Int, Unicode, validate
 
 from ..errors import SandboxConfigError, SandboxNotFound, SandboxStartError
+from ..labels import KERNEL_ID
+from ..snapshots.model import Capabilities, Snapshot
 from ..provisioning.base import SandboxProvisioner
 from ..settings import env_default, parse_size
 from .docker_engine import DockerEngine
 
 DEFAULT_IMAGE = "sandbox-kernels/python:latest"
+SNAPSHOT_REPOSITORY = "sandbox-kernels/snapshot"
+SNAPSHOT_LABEL = "sandbox-kernels.snapshot"
+_KEEP_LABEL = "sandbox-kernels.keep"
+_CREATED_LABEL = "sandbox-kernels.created"
 _CONNECTION_FILE = "connection.json"
 _SANDBOX_UID = 1000  # the image's `executor` user
 
@@ -82,6 +90,8 @@ class DockerProvisioner(SandboxProvisioner):
         super().__init__(**kwargs)
         self._engine: DockerEngine | None = None
         self.container_id: str | None = None
+        self._current_image: str | None = None  # a snapshot's image after a rollback
+        self._last_cmd: list[str] = []
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -136,7 +146,7 @@ class DockerProvisioner(SandboxProvisioner):
         home = self.workdir
         user = f"{_SANDBOX_UID}:{_SANDBOX_UID}" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
         spec: dict[str, Any] = dict(
-            image=self.image,
+            image=self._current_image or self.image,
             command=cmd,
             name=self.sandbox_name,
             hostname=f"sandbox-{self.kernel_id[:8]}",
@@ -167,6 +177,7 @@ class DockerProvisioner(SandboxProvisioner):
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
         """Write the connection file, then start the existing container or create one."""
+        self._last_cmd = cmd
         path = self.state_dir / _CONNECTION_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -250,13 +261,84 @@ class DockerProvisioner(SandboxProvisioner):
         for ref in filter(None, (self.container_id, self.sandbox_name)):
             await asyncio.to_thread(engine.remove, ref)
         self.container_id = None
+        for snap in await self.snapshot_list():
+            if not snap.keep:
+                await asyncio.to_thread(engine.remove_image, self._snapshot_ref(snap.name))
         await asyncio.to_thread(engine.close)
         self._engine = None
 
     def runtime_state(self) -> dict[str, Any]:
-        """The container id, for re-attaching."""
-        return {"container_id": self.container_id}
+        """The container id and current image, for re-attaching."""
+        return {"container_id": self.container_id, "image": self._current_image}
 
     def load_runtime_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`runtime_state`."""
         self.container_id = state.get("container_id")
+        self._current_image = state.get("image")
+
+    # -- snapshots: the container's filesystem, committed to a local image ----------------------
+
+    def snapshot_capabilities(self) -> Capabilities:
+        """Filesystem snapshots; rollback restarts the kernel (memory is not kept)."""
+        return Capabilities(
+            kinds=["filesystem"], default_kind="filesystem",
+            note="Docker snapshots keep the container's files; rollback restarts the kernel, "
+                 "so variables in memory are not kept.",
+        )
+
+    def _snapshot_ref(self, name: str) -> str:
+        return f"{SNAPSHOT_REPOSITORY}:{self.kernel_id}-{name}"
+
+    async def snapshot_list(self) -> list[Snapshot]:
+        """Images committed from this kernel's container."""
+        engine = await self._engine_ready()
+        rows = await asyncio.to_thread(engine.images, f"{KERNEL_ID}={self.kernel_id}")
+        snaps = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            if SNAPSHOT_LABEL not in labels:
+                continue
+            created = dt.datetime.fromtimestamp(int(labels.get(_CREATED_LABEL, row.get("Created", 0))),
+                                                dt.timezone.utc)
+            snaps.append(Snapshot(name=labels[SNAPSHOT_LABEL], kind="filesystem",
+                                  created=created.isoformat(timespec="seconds"),
+                                  size=row.get("Size"), keep=labels.get(_KEEP_LABEL) == "true"))
+        return snaps
+
+    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
+        """``docker commit`` the container (paused for the moment of the commit)."""
+        if not self.container_id:
+            raise SandboxNotFound(f"kernel {self.kernel_id} has no container to snapshot")
+        engine = await self._engine_ready()
+        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        labels = {**self.labels, SNAPSHOT_LABEL: name, _KEEP_LABEL: str(keep).lower(),
+                  _CREATED_LABEL: str(int(now.timestamp()))}
+        repo, _, tag = self._snapshot_ref(name).partition(":")
+        size = await asyncio.to_thread(engine.commit, self.container_id, repo, tag, labels)
+        return Snapshot(name=name, kind="filesystem", created=now.isoformat(), size=size, keep=keep)
+
+    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
+        """Replace the container with one from the snapshot's image; the kernel restarts."""
+        engine = await self._engine_ready()
+        if self.container_id:
+            await asyncio.to_thread(engine.remove, self.container_id)
+        self.container_id = None
+        info = self.connection_info
+        if self._ipc:
+            for ch in ("shell", "iopub", "stdin", "control", "hb"):
+                Path(f"{info['ip']}-{info[f'{ch}_port']}").unlink(missing_ok=True)
+        self._current_image = self._snapshot_ref(snapshot.name)
+        await self.start_kernel(self._last_cmd, self._sandbox_env)
+        await self.wait_ready()
+        return True
+
+    async def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """Remove the snapshot's image (refused while the container runs from it)."""
+        ref = self._snapshot_ref(snapshot.name)
+        if ref == self._current_image:
+            raise SandboxConfigError(
+                f"snapshot {snapshot.name!r} is what the kernel currently runs from; roll back "
+                f"to another snapshot or restart the kernel's sandbox before deleting it."
+            )
+        engine = await self._engine_ready()
+        await asyncio.to_thread(engine.remove_image, ref)

@@ -143,3 +143,34 @@ class DockerEngine:
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
+
+    # -- snapshot images -----------------------------------------------------------------------
+
+    def commit(self, container_id: str, repository: str, tag: str, labels: dict[str, str]) -> int:
+        """Commit the container's filesystem to ``repository:tag`` with ``labels``.
+
+        Returns:
+            The image size in bytes.
+        """
+        changes = [f'LABEL "{k}"="{v}"' for k, v in labels.items()]
+        try:
+            result = self._client.api.commit(container_id, repository=repository, tag=tag,
+                                             changes=changes, pause=True)
+            return int(self._client.api.inspect_image(result["Id"]).get("Size", 0))
+        except self._errors.NotFound as e:
+            raise SandboxNotFound(f"container {container_id[:12]} is gone: cannot snapshot it") from e
+        except self._errors.APIError as e:
+            raise SandboxError(f"Docker could not commit the container: {e.explanation}") from e
+
+    def images(self, label: str) -> list[dict[str, Any]]:
+        """Images carrying ``label`` (``key`` or ``key=value``)."""
+        return [dict(i) for i in self._client.api.images(filters={"label": label})]
+
+    def remove_image(self, ref: str) -> None:
+        """Remove an image; a missing one is fine."""
+        try:
+            self._client.api.remove_image(ref, force=True)
+        except self._errors.NotFound:
+            return
+        except self._errors.APIError as e:
+            raise SandboxError(f"Docker could not remove image {ref}: {e.explanation}") from e

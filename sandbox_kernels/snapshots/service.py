@@ -1,0 +1,113 @@
+"""The snapshot service: validation, naming, coordination with the kernel's lifecycle.
+
+Runtimes implement the ``snapshot_*`` hooks of :class:`~sandbox_kernels.provisioning.base.
+SandboxProvisioner`; this service is what every caller (REST handlers, the control socket,
+the CLI) goes through. While an operation runs the provisioner is marked busy, so ``poll``
+does not report the kernel dead and the restarter leaves it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SandboxConfigError, SandboxNotFound
+from ..settings import check_name
+from .model import Capabilities, RollbackResult, Snapshot
+
+if TYPE_CHECKING:
+    from ..provisioning.base import SandboxProvisioner
+
+
+class SnapshotService:
+    """Snapshot operations on one kernel's sandbox; one operation at a time per kernel."""
+
+    def __init__(self, provisioner: SandboxProvisioner) -> None:
+        self.provisioner = provisioner
+        self._lock = _lock_for(provisioner)
+
+    def capabilities(self) -> Capabilities:
+        """What this runtime can snapshot."""
+        return self.provisioner.snapshot_capabilities()
+
+    async def list(self) -> list[Snapshot]:
+        """The kernel's snapshots, oldest first."""
+        snaps = await self.provisioner.snapshot_list()
+        return sorted(snaps, key=lambda s: s.created)
+
+    async def create(self, name: str | None = None, kind: str | None = None, keep: bool = False) -> Snapshot:
+        """Take a snapshot named ``name`` (generated when None) of kind ``kind``.
+
+        Raises:
+            SandboxConfigError: bad name, unknown kind, or the name is taken.
+            SandboxError: the runtime failed.
+        """
+        caps = self.capabilities()
+        kind = kind or caps.default_kind
+        if kind not in caps.kinds:
+            raise SandboxConfigError(
+                f"snapshot kind {kind!r} is not offered by the {self.provisioner.runtime} runtime; "
+                f"use one of: {', '.join(caps.kinds)}."
+            )
+        name = check_name(name or _generated_name(), "snapshot name")
+        async with self._lock, self.provisioner.busy():
+            if any(s.name == name for s in await self.provisioner.snapshot_list()):
+                raise SandboxConfigError(f"a snapshot named {name!r} already exists for this kernel; pick another name.")
+            return await self.provisioner.snapshot_create(name, kind, keep)
+
+    async def rollback(self, name: str) -> RollbackResult:
+        """Return the kernel's sandbox to snapshot ``name``.
+
+        Raises:
+            SandboxNotFound: no such snapshot.
+        """
+        check_name(name, "snapshot name")
+        async with self._lock:
+            snap = await self._find(name)
+            started = time.monotonic()
+            async with self.provisioner.busy():
+                restarted = await self.provisioner.snapshot_rollback(snap)
+            return RollbackResult(name, snap.kind, restarted, round(time.monotonic() - started, 3))
+
+    async def delete(self, name: str) -> None:
+        """Delete snapshot ``name``.
+
+        Raises:
+            SandboxNotFound: no such snapshot.
+        """
+        check_name(name, "snapshot name")
+        async with self._lock:
+            snap = await self._find(name)
+            await self.provisioner.snapshot_delete(snap)
+
+    async def _find(self, name: str) -> Snapshot:
+        for snap in await self.provisioner.snapshot_list():
+            if snap.name == name:
+                return snap
+        raise SandboxNotFound(f"kernel {self.provisioner.kernel_id} has no snapshot named {name!r}.")
+
+    async def describe(self) -> dict[str, Any]:
+        """The listing the REST API and CLI return."""
+        caps = self.capabilities()
+        return {
+            "kernel_id": self.provisioner.kernel_id,
+            "runtime": self.provisioner.runtime,
+            **caps.to_dict(),
+            "snapshots": [s.to_dict() for s in await self.list()],
+        }
+
+
+def _generated_name() -> str:
+    return dt.datetime.now().strftime("snap-%Y%m%d-%H%M%S-%f")[:-3]
+
+
+
+
+def _lock_for(provisioner: Any) -> asyncio.Lock:
+    lock = getattr(provisioner, "_snapshot_lock", None)
+    if lock is None:
+        lock = asyncio.Lock()
+        provisioner._snapshot_lock = lock
+    return lock

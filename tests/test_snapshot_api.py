@@ -1,0 +1,166 @@
+"""The snapshot REST API against a real Jupyter server and real sandbox kernels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from lifecycle import run_cell
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def jp_server_config() -> dict[str, Any]:
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_server_ext": True}}}
+
+
+async def _start(jp_fetch: Any, jp_serverapp: Any, name: str) -> tuple[str, Any]:
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": name}))
+    kid = json.loads(r.body)["id"]
+    kc = jp_serverapp.kernel_manager.get_kernel(kid).client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=120)
+    return kid, kc
+
+
+async def _api(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None) -> Any:
+    kw: dict[str, Any] = {"method": method}
+    if body is not None:
+        kw["body"] = body if isinstance(body, str) else json.dumps(body)
+    elif method == "POST":
+        kw["body"] = "{}"
+    r = await jp_fetch("sandbox-kernels", "api", *parts, **kw)
+    return json.loads(r.body) if r.body else None
+
+
+async def _status(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None, **kw: Any) -> tuple[int, str]:
+    try:
+        await _api(jp_fetch, *parts, method=method, body=body)
+    except HTTPClientError as e:
+        msg = json.loads(e.response.body).get("message", "") if e.response and e.response.body else ""
+        return e.code, msg
+    return 200, ""
+
+
+@pytest.mark.docker
+async def test_docker_filesystem_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
+    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-docker")
+    try:
+        await run_cell(kc, "x = 1\nopen('before.txt', 'w').write('kept')")
+        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s1"})
+        assert snap["name"] == "s1" and snap["kind"] == "filesystem" and snap["size"] > 0
+        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')")
+        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        assert [s["name"] for s in listing["snapshots"]] == ["s1"]
+        assert listing["kinds"] == ["filesystem"] and "memory" in listing["note"]
+        result = await _api(jp_fetch, "kernels", kid, "snapshots", "s1", "rollback", method="POST")
+        assert result["kernel_restarted"] is True
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "import os\nprint(os.path.exists('before.txt'), os.path.exists('after.txt'), 'y' in globals())")
+        assert out["stdout"] == "True False False\n", out
+        code, msg = await _status(jp_fetch, "kernels", kid, "snapshots", "s1", method="DELETE")
+        assert code == 400 and "currently runs from" in msg
+        await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s2"})
+        await _api(jp_fetch, "kernels", kid, "snapshots", "s2", method="DELETE")
+        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        assert [s["name"] for s in listing["snapshots"]] == ["s1"]
+    finally:
+        kc.stop_channels()
+        await jp_fetch("api", "kernels", kid, method="DELETE")
+    images = subprocess.run(["docker", "images", "-q", "--filter", f"label=sandbox-kernels.kernel-id={kid}"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not images, "snapshots of a deleted kernel must be removed"
+
+
+@pytest.mark.docker
+async def test_bad_requests(jp_fetch: Any, jp_serverapp: Any) -> None:
+    assert (await _status(jp_fetch, "kernels", "nope", "snapshots"))[0] == 404
+    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-docker")
+    try:
+        for bad in ["../etc", "a b", "<x/>", "x" * 200, "$(reboot)", ".hidden", "a;b"]:
+            code, msg = await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": bad})
+            assert code == 400 and "snapshot name" in msg, (bad, code, msg)
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="{not json"))[0] == 400
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="[1]"))[0] == 400
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": 5}))[0] == 400
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST",
+                              body={"kind": "memory"}))[0] == 400
+        code, _ = await _status(jp_fetch, "kernels", kid, "snapshots", method="POST",
+                                body=json.dumps({"name": "x" * 20000}))
+        assert code == 413
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", "rollback", method="POST"))[0] == 404
+        assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", method="DELETE"))[0] == 404
+    finally:
+        kc.stop_channels()
+        await jp_fetch("api", "kernels", kid, method="DELETE")
+
+
+async def test_non_sandbox_kernel_is_409(jp_fetch: Any, jp_serverapp: Any) -> None:
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
+    kid = json.loads(r.body)["id"]
+    try:
+        code, msg = await _status(jp_fetch, "kernels", kid, "snapshots")
+        assert code == 409 and "not started by a sandbox provisioner" in msg
+    finally:
+        await jp_fetch("api", "kernels", kid, method="DELETE")
+
+
+async def test_unauthenticated_requests_refused(jp_fetch: Any, jp_serverapp: Any) -> None:
+    routes = [("GET", ["runtimes"], None), ("POST", ["kernels", "k", "snapshots"], "{}"),
+              ("POST", ["kernels", "k", "snapshots", "a", "rollback"], "{}"),
+              ("DELETE", ["kernels", "k", "snapshots", "a"], None)]
+    for method, parts, body in routes:
+        with pytest.raises(HTTPClientError) as info:
+            await jp_fetch("sandbox-kernels", "api", *parts, method=method, body=body,
+                           headers={"Authorization": ""})
+        assert info.value.code in (401, 403), (parts, info.value.code)
+
+
+
+async def test_runtimes_report(jp_fetch: Any) -> None:
+    reports = await _api(jp_fetch, "runtimes")
+    by_name = {r["runtime"]: r for r in reports}
+    assert set(by_name) >= {"docker", "libvirt", "k8s", "ssh"}
+    assert by_name["docker"]["ok"] is True
+
+
+@pytest.mark.docker
+def test_cli_snapshot_on_a_papermill_style_kernel(jp_asyncio_loop: Any) -> None:
+    """The CLI reaches a kernel owned by a process without a server, via its control socket."""
+    from lifecycle import start
+
+    km, kc = jp_asyncio_loop.run_until_complete(start("sandbox-docker", timeout=60))
+    cli = [str(VENV_BIN / "sandbox-kernels"), "snapshot"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        # The CLI blocks while the owner's loop must serve it: run the loop meanwhile.
+        import asyncio
+
+        async def go() -> subprocess.CompletedProcess[str]:
+            proc = await asyncio.create_subprocess_exec(*cli, *args, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE)
+            out, err = await proc.communicate()
+            return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+        return jp_asyncio_loop.run_until_complete(go())
+
+    try:
+        created = run("create", km.kernel_id, "cli1")
+        assert created.returncode == 0, created.stderr
+        listed = run("list", km.kernel_id)
+        assert "cli1" in listed.stdout and "filesystem" in listed.stdout
+        bad = run("create", km.kernel_id, "../x")
+        assert bad.returncode == 2 and "snapshot name" in bad.stderr
+        missing = run("list", "0000-not-running")
+        assert missing.returncode == 2 and "no running sandbox kernel" in missing.stderr
+        assert run("delete", km.kernel_id, "cli1").returncode == 0
+    finally:
+        kc.stop_channels()
+        jp_asyncio_loop.run_until_complete(km.shutdown_kernel(now=True))
