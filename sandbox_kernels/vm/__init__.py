@@ -1,0 +1,1 @@
+"""The pieces of a libvirt/QEMU sandbox: seed disk, domain XML, overlays, accelerator, libvirt."""
