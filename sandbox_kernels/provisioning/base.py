@@ -35,6 +35,7 @@ from traitlets import Float, List, TraitError, Unicode, default
 from ..errors import SandboxConfigError, SandboxError, SandboxTimeout, SandboxUnavailable
 from ..snapshots.model import Capabilities, Snapshot
 from ..settings import check_env, check_name, default_state_root, env_default
+from ..aio import exiting
 from ..labels import owner_labels
 from ..snapshots.control import ControlServer
 
@@ -101,6 +102,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._idle = asyncio.Event()
         self._idle.set()
         self._sandbox_env: dict[str, str] = {}
+        self._local_ports: dict[str, int] = {}
         self._state_dir: Path | None = None
         self._control: ControlServer | None = None
 
@@ -156,8 +158,15 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.configure_transport(km)
         env = kwargs.get("env", os.environ)
         extra_arguments = kwargs.pop("extra_arguments", [])
+        if self._local_ports:
+            # A restart (even with newports=True, as the restarter asks early on) keeps the
+            # ports: they are ours (tunnel listeners, ipc paths), and clients stay connected.
+            for name, port in self._local_ports.items():
+                setattr(km, name, port)
         km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
+        self._local_ports = {f"{ch}_port": int(self.connection_info[f"{ch}_port"])
+                             for ch in ("shell", "iopub", "stdin", "control", "hb")}
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         # jupyter_client swaps "python3" for the server's own interpreter: undo that, the
         # command runs inside the sandbox.
@@ -185,18 +194,23 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             SandboxError: the runtime failed; the message says what to do.
         """
         _track(self)
+        task = asyncio.ensure_future(self._launch(cmd))
         try:
-            await asyncio.wait_for(self._launch(cmd), timeout=self.launch_timeout)
-        except asyncio.TimeoutError as e:
-            detail = await self._safe_diagnostics()
-            await _shielded(self._teardown())
-            raise SandboxTimeout(
-                f"{self.kernel_name or self.runtime} kernel did not start within "
-                f"launch_timeout={self.launch_timeout:g} s. Raise the setting "
-                f"(kernelspec config or SANDBOX_KERNELS_LAUNCH_TIMEOUT) if the machine is slow."
-                f"{detail}"
-            ) from e
+            done, _ = await asyncio.wait({task}, timeout=self.launch_timeout)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                detail = await self._safe_diagnostics()
+                raise SandboxTimeout(
+                    f"{self.kernel_name or self.runtime} kernel did not start within "
+                    f"launch_timeout={self.launch_timeout:g} s. Raise the setting (kernelspec "
+                    f"config or SANDBOX_KERNELS_LAUNCH_TIMEOUT) if the machine is slow.{detail}"
+                )
+            task.result()
         except BaseException:
+            if not task.done():
+                task.cancel()
             await _shielded(self._teardown())
             raise
         self._has_process = True
@@ -466,6 +480,7 @@ def _untrack(provisioner: SandboxProvisioner) -> None:
 
 
 def _cleanup_at_exit() -> None:
+    exiting()
     for provisioner in list(_live):
         try:
             asyncio.run(provisioner._teardown())

@@ -18,6 +18,7 @@ from typing import Any
 
 from traitlets import Bool, Float, Int, Unicode, validate
 
+from ..aio import to_thread
 from ..errors import SandboxConfigError, SandboxNotFound, SandboxStartError
 from ..labels import KERNEL_ID
 from ..snapshots.model import Capabilities, Snapshot
@@ -131,13 +132,13 @@ class DockerProvisioner(SandboxProvisioner):
 
     async def _engine_ready(self) -> DockerEngine:
         if self._engine is None:
-            self._engine = await asyncio.to_thread(DockerEngine)
+            self._engine = await to_thread(DockerEngine)
         return self._engine
 
     async def create_sandbox(self) -> None:
         """Check the engine and image; the container itself is made in :meth:`start_kernel`."""
         engine = await self._engine_ready()
-        await asyncio.to_thread(engine.check_image, self.image)
+        await to_thread(engine.check_image, self.image)
         if os.geteuid() == 0:
             os.chown(self.state_dir, _SANDBOX_UID, _SANDBOX_UID)
 
@@ -187,15 +188,15 @@ class DockerProvisioner(SandboxProvisioner):
         engine = await self._engine_ready()
         if self.container_id:
             try:
-                await asyncio.to_thread(engine.start, self.container_id)
+                await to_thread(engine.start, self.container_id)
                 return
             except SandboxNotFound:
                 self.log.warning("Container of kernel %s was removed; creating a new one", self.kernel_id)
                 self.container_id = None
         spec = self._container_spec(cmd, env)
-        await asyncio.to_thread(engine.remove, self.sandbox_name)  # a stale one from a crash
-        self.container_id = await asyncio.to_thread(engine.create, **spec)
-        await asyncio.to_thread(engine.start, self.container_id)
+        await to_thread(engine.remove, self.sandbox_name)  # a stale one from a crash
+        self.container_id = await to_thread(engine.create, **spec)
+        await to_thread(engine.start, self.container_id)
 
     async def wait_ready(self) -> None:
         """Wait until the kernel has bound its sockets, or fail with the container's output."""
@@ -206,9 +207,9 @@ class DockerProvisioner(SandboxProvisioner):
         while time.monotonic() < deadline:
             if self._ipc and all(os.path.exists(f"{info['ip']}-{p}") for p in ports):
                 return
-            state = await asyncio.to_thread(engine.state, self.container_id)
+            state = await to_thread(engine.state, self.container_id)
             if state is None or state.get("Status") in ("exited", "dead"):
-                logs = await asyncio.to_thread(engine.logs, self.container_id) if state else ""
+                logs = await to_thread(engine.logs, self.container_id) if state else ""
                 raise SandboxStartError(
                     f"the kernel in container {self.sandbox_name} exited during start-up "
                     f"(exit code {state.get('ExitCode') if state else 'unknown'}). Does image "
@@ -223,7 +224,7 @@ class DockerProvisioner(SandboxProvisioner):
         if not self.container_id:
             return -1
         engine = await self._engine_ready()
-        state = await asyncio.to_thread(engine.state, self.container_id)
+        state = await to_thread(engine.state, self.container_id)
         if state is None:
             return -1
         if state.get("Status") in ("created", "running", "restarting", "paused"):
@@ -234,20 +235,20 @@ class DockerProvisioner(SandboxProvisioner):
         """Signal the container's init, which forwards the signal to the kernel."""
         if self.container_id:
             engine = await self._engine_ready()
-            await asyncio.to_thread(engine.kill, self.container_id, signum)
+            await to_thread(engine.kill, self.container_id, signum)
 
     async def stop_kernel(self) -> None:
         """Before a restart in the same container: make sure the old kernel has stopped."""
         if self.container_id:
             engine = await self._engine_ready()
-            await asyncio.to_thread(engine.kill, self.container_id, 9)
-            await asyncio.to_thread(engine.wait_stopped, self.container_id, 10)
+            await to_thread(engine.kill, self.container_id, 9)
+            await to_thread(engine.wait_stopped, self.container_id, 10)
 
     async def diagnostics(self) -> str:
         """The container's last output lines."""
         if not (self.container_id and self._engine):
             return ""
-        logs = await asyncio.to_thread(self._engine.logs, self.container_id)
+        logs = await to_thread(self._engine.logs, self.container_id)
         return f"Container output:\n{logs}" if logs else ""
 
     async def destroy_sandbox(self) -> None:
@@ -259,12 +260,12 @@ class DockerProvisioner(SandboxProvisioner):
                              "(`sandbox-kernels reap` removes it later)", self.sandbox_name)
             return
         for ref in filter(None, (self.container_id, self.sandbox_name)):
-            await asyncio.to_thread(engine.remove, ref)
+            await to_thread(engine.remove, ref)
         self.container_id = None
         for snap in await self.snapshot_list():
             if not snap.keep:
-                await asyncio.to_thread(engine.remove_image, self._snapshot_ref(snap.name))
-        await asyncio.to_thread(engine.close)
+                await to_thread(engine.remove_image, self._snapshot_ref(snap.name))
+        await to_thread(engine.close)
         self._engine = None
 
     def runtime_state(self) -> dict[str, Any]:
@@ -292,7 +293,7 @@ class DockerProvisioner(SandboxProvisioner):
     async def snapshot_list(self) -> list[Snapshot]:
         """Images committed from this kernel's container."""
         engine = await self._engine_ready()
-        rows = await asyncio.to_thread(engine.images, f"{KERNEL_ID}={self.kernel_id}")
+        rows = await to_thread(engine.images, f"{KERNEL_ID}={self.kernel_id}")
         snaps = []
         for row in rows:
             labels = row.get("Labels") or {}
@@ -314,14 +315,14 @@ class DockerProvisioner(SandboxProvisioner):
         labels = {**self.labels, SNAPSHOT_LABEL: name, _KEEP_LABEL: str(keep).lower(),
                   _CREATED_LABEL: str(int(now.timestamp()))}
         repo, _, tag = self._snapshot_ref(name).partition(":")
-        size = await asyncio.to_thread(engine.commit, self.container_id, repo, tag, labels)
+        size = await to_thread(engine.commit, self.container_id, repo, tag, labels)
         return Snapshot(name=name, kind="filesystem", created=now.isoformat(), size=size, keep=keep)
 
     async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
         """Replace the container with one from the snapshot's image; the kernel restarts."""
         engine = await self._engine_ready()
         if self.container_id:
-            await asyncio.to_thread(engine.remove, self.container_id)
+            await to_thread(engine.remove, self.container_id)
         self.container_id = None
         info = self.connection_info
         if self._ipc:
@@ -341,4 +342,4 @@ class DockerProvisioner(SandboxProvisioner):
                 f"to another snapshot or restart the kernel's sandbox before deleting it."
             )
         engine = await self._engine_ready()
-        await asyncio.to_thread(engine.remove_image, ref)
+        await to_thread(engine.remove_image, ref)

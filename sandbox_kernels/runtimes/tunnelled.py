@@ -1,0 +1,178 @@
+"""Kernels reached over SSH: the shared part of the VM and SSH-host runtimes.
+
+The kernel runs on the far side of one in-process SSH connection (:class:`SSHTunnel`). It is
+started detached (it survives a dropped connection), binds its ZMQ ports on the remote's
+127.0.0.1 (ports chosen by the kernel itself, read back from its connection file), and the
+provisioner forwards the local ports of the connection info to them. A restart re-points the
+forwards at the new kernel's ports; the local ports, and so the clients, never change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import time
+from abc import abstractmethod
+from typing import Any
+
+from ..aio import to_thread
+from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
+from ..provisioning.base import SandboxProvisioner
+from ..ssh.tunnel import SSHTunnel
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+class TunnelledProvisioner(SandboxProvisioner):
+    """Base of runtimes whose kernel is reached through an SSH tunnel."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tunnel: SSHTunnel | None = None
+        self.pid: int | None = None
+        self._remote_ports: dict[str, int] = {}
+
+    # -- hooks for VM / SSH host ----------------------------------------------------------------
+
+    @abstractmethod
+    async def open_tunnel(self) -> SSHTunnel:
+        """Return a connected tunnel to the sandbox (called once the sandbox exists)."""
+
+    @abstractmethod
+    def remote_dir(self) -> str:
+        """Absolute directory on the remote for this kernel's connection file and log."""
+
+    async def sandbox_alive(self) -> bool:
+        """Whether the machine itself still runs (a VM's domain); hosts say True."""
+        return True
+
+    def remote_cwd(self) -> str | None:
+        """The kernel's working directory on the remote (None: the login directory)."""
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def sandbox_connection_file(self) -> str:
+        """The connection file lives in the remote kernel directory."""
+        return f"{self.remote_dir()}/connection.json"
+
+    async def _tunnel_ready(self) -> SSHTunnel:
+        if self.tunnel is None:
+            self.tunnel = await self.open_tunnel()
+        return self.tunnel
+
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Write a connection file with port 0 (the kernel picks free ports) and start it."""
+        tunnel = await self._tunnel_ready()
+        info = self.sandbox_connection_info()
+        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
+        rdir = self.remote_dir()
+        await to_thread(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+        await to_thread(tunnel.run, ["rm", "-f", f"{rdir}/kernel.log", f"{rdir}/kernel.log.exit"], None, 30)
+        await to_thread(tunnel.write_file, self.sandbox_connection_file(),
+                                json.dumps(info).encode(), 0o600)
+        self.pid = await to_thread(tunnel.start_detached, cmd, f"{rdir}/kernel.log", env,
+                                           self.remote_cwd())
+        self._remote_ports = {}
+
+    async def wait_ready(self) -> None:
+        """Wait for the kernel to write its ports, then point the local forwards at them."""
+        tunnel = await self._tunnel_ready()
+        path = self.sandbox_connection_file()
+        deadline = time.monotonic() + self.launch_timeout
+        while time.monotonic() < deadline:
+            result = await to_thread(tunnel.run, ["cat", path], None, 30)
+            ports = _ports(result.stdout)
+            if ports:
+                await to_thread(self._forward, tunnel, ports)
+                return
+            status = await to_thread(tunnel.process_status, self.pid)
+            if status.state != "running":
+                raise SandboxStartError(
+                    f"the kernel exited during start-up (exit code {status.exit_code}). "
+                    f"Kernel log:\n{await self._log_tail()}"
+                )
+            await asyncio.sleep(0.2)
+        raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
+
+    def _forward(self, tunnel: SSHTunnel, ports: dict[str, int]) -> None:
+        for ch in CHANNELS:
+            local = int(self.connection_info[f"{ch}_port"])
+            if local in tunnel.forwards:
+                if tunnel.forwards[local][1] == ports[ch]:
+                    continue
+                tunnel.close_forward(local)
+            tunnel.forward(local, ports[ch])
+        self._remote_ports = ports
+
+    async def _log_tail(self, lines: int = 30) -> str:
+        if self.tunnel is None:
+            return ""
+        try:
+            result = await to_thread(
+                self.tunnel.run, ["tail", "-n", str(lines), f"{self.remote_dir()}/kernel.log"], None, 15)
+        except SandboxError as e:
+            return f"(log unavailable: {e})"
+        return result.stdout.decode(errors="replace")
+
+    async def kernel_exit_code(self) -> int | None:
+        """Ask the remote about the kernel process; a passing SSH outage is not a death."""
+        if self.tunnel is None or self.pid is None:
+            return -1
+        if not await self.sandbox_alive():
+            return -1
+        try:
+            status = await to_thread(self.tunnel.process_status, self.pid, None, 15)
+        except (SandboxConnectionError, SandboxTimeout) as e:
+            if self.tunnel.last_error is not None and not self.tunnel.is_alive and _gave_up(self.tunnel):
+                self.log.error("Kernel %s: SSH connection lost for good: %s", self.kernel_id, e)
+                return -1
+            self.log.warning("Kernel %s: SSH connection interrupted (%s); reconnecting", self.kernel_id, e)
+            return None
+        if status.state == "running":
+            return None
+        return status.exit_code if status.exit_code is not None else -1
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Signal the kernel's process group on the remote."""
+        if self.tunnel is not None and self.pid is not None:
+            await to_thread(self.tunnel.signal, self.pid, signum)
+
+    async def diagnostics(self) -> str:
+        """The kernel log's tail."""
+        tail = await self._log_tail()
+        return f"Kernel log:\n{tail}" if tail.strip() else ""
+
+    async def close_tunnel(self) -> None:
+        """Close the SSH connection and every forward (listeners included)."""
+        if self.tunnel is not None:
+            await to_thread(self.tunnel.close)
+            self.tunnel = None
+
+    def runtime_state(self) -> dict[str, Any]:
+        """The remote pid and ports (for re-attaching)."""
+        return {"pid": self.pid, "remote_ports": self._remote_ports}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        self.pid = state.get("pid")
+        self._remote_ports = state.get("remote_ports", {})
+
+
+def _ports(raw: bytes) -> dict[str, int] | None:
+    try:
+        info = json.loads(raw or b"{}")
+    except ValueError:
+        return None  # being rewritten by the kernel right now
+    ports = {ch: int(info.get(f"{ch}_port") or 0) for ch in CHANNELS}
+    return ports if all(ports.values()) else None
+
+
+def _gave_up(tunnel: SSHTunnel) -> bool:
+    return bool(getattr(tunnel, "_gave_up", False))
+
+
+def quote(argv: list[str]) -> str:
+    """Shell-quote an argv for log messages."""
+    return " ".join(shlex.quote(a) for a in argv)
