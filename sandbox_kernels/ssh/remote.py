@@ -27,21 +27,28 @@ from typing import Literal, NamedTuple
 
 import paramiko
 
-from ..errors import SandboxConfigError, SandboxConnectionError, SandboxError, SandboxTimeout
-from ..errors import SandboxStartError
+from ..errors import (
+    SandboxConfigError,
+    SandboxConnectionError,
+    SandboxError,
+    SandboxStartError,
+    SandboxTimeout,
+)
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CHUNK = 1 << 16
+_STDIN_BURST = 1 << 20
 DEFAULT_MAX_OUTPUT = 64 << 20
 
 # Positional parameters: $1 cwd ('' = stay in the login directory), $2 log path, $3 the
 # wrapper script, then the wrapper's own parameters.
 _LAUNCH_SCRIPT = """\
+command -v setsid >/dev/null || { echo "setsid (util-linux) is not installed" >&2; exit 125; }
 if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
 log=$2
 wrapper=$3
 shift 3
-rm -f -- "$log.exit" || exit 125
+rm -f -- "$log" "$log.exit" || exit 125
 (umask 077 && : >"$log") || exit 125
 setsid sh -c "$wrapper" sandbox-kernels-wrapper "$log.exit" "$@" </dev/null >>"$log" 2>&1 &
 echo "$!"
@@ -62,20 +69,32 @@ echo "$rc" >"$exitfile"
 exit "$rc"
 """
 
+# Defines alive PID: true if the process exists and is not a zombie (a zombie still takes
+# signals, but has ended).
+_ALIVE = """\
+alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    [ "$(sed -n 's/^.*) \\(.\\).*$/\\1/p' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+"""
+
 # $1 pid, $2 exit-status file.
-_STATUS_SCRIPT = """\
-state=$(sed -n 's/^.*) \\(.\\).*$/\\1/p' "/proc/$1/stat" 2>/dev/null)
-if kill -0 "$1" 2>/dev/null && [ "$state" != Z ]; then echo running; exit 0; fi
+_STATUS_SCRIPT = _ALIVE + """\
+if alive "$1"; then echo running; exit 0; fi
 if [ -f "$2" ]; then echo "exited $(cat -- "$2")"; else echo gone; fi
 """
 
 # $1 signal name, $2 pid: the process group first (the wrapper made one), then the process.
-_SIGNAL_SCRIPT = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"'
+# Exit status 3: no such (live) process.
+_SIGNAL_SCRIPT = _ALIVE + """\
+alive "$2" || exit 3
+kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"
+"""
 
 # $1 target path, $2 octal mode; data on stdin. Written to a 0600 temporary file, then renamed.
 _WRITE_SCRIPT = """\
 tmp=$(mktemp "$1.XXXXXX") || exit 1
-if cat >"$tmp" && chmod "$2" "$tmp" && mv -f -- "$tmp" "$1"; then exit 0; fi
+cat >"$tmp" && chmod "$2" "$tmp" && mv -f -- "$tmp" "$1" && exit 0
 rc=$?
 rm -f -- "$tmp"
 exit "$rc"
@@ -153,8 +172,12 @@ def run(
     try:
         channel.exec_command(command)
         return _collect(channel, memoryview(input or b""), deadline, max_output, argv)
-    except paramiko.SSHException as e:
-        raise SandboxConnectionError(f"running {argv[0]!r} on the sandbox failed: {e}") from e
+    except SandboxError:  # SandboxTimeout is an OSError too: keep it as it is
+        raise
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        raise SandboxConnectionError(
+            f"running {argv[0]!r} on the sandbox failed: {str(e) or type(e).__name__}"
+        ) from e
     finally:
         channel.close()
 
@@ -169,15 +192,15 @@ def start_detached(
 ) -> int:
     """Start a long-running process that survives the SSH connection dropping.
 
-    The process runs in a new session (``setsid``) with stdin from ``/dev/null`` and stdout
-    and stderr appended to ``log_path`` (created empty, mode 0600); when it ends, its exit
-    status is written to ``<log_path>.exit``. The returned pid is that of the wrapper, which
-    leads the process group; :func:`send_signal` signals the whole group.
+    The process runs in a new session (``setsid``) with stdin from ``/dev/null``, stdout and
+    stderr going to ``log_path`` (replaced by a new file of mode 0600); when it ends, its
+    exit status is written to ``<log_path>.exit``. The returned pid is that of the wrapper,
+    which leads the process group; :func:`send_signal` signals the whole group.
 
     Args:
         transport: an authenticated transport.
         argv: the command and its arguments, passed literally.
-        log_path: the remote log file.
+        log_path: the remote log file (absolute path).
         env: extra environment variables; names must match ``[A-Za-z_][A-Za-z0-9_]*``,
             values are passed literally (no expansion of ``$``, backticks or ``;``).
         cwd: the remote working directory; ``None`` keeps the login directory.
@@ -194,7 +217,7 @@ def start_detached(
     """
     quote_argv(argv)
     words = _env_words(env or {})
-    _check_path(log_path, "log_path")
+    _check_path(log_path, "log_path", absolute=True)
     if cwd is not None:
         _check_path(cwd, "cwd")
     launch = ["sh", "-c", _LAUNCH_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path]
@@ -220,7 +243,7 @@ def process_status(
         SandboxTimeout, SandboxConnectionError: as for :func:`run`.
     """
     _check_pid(pid)
-    _check_path(log_path, "log_path")
+    _check_path(log_path, "log_path", absolute=True)
     script = ["sh", "-c", _STATUS_SCRIPT, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
     result = run(transport, script, timeout=timeout)
     words = result.stdout.decode(errors="replace").split()
@@ -271,7 +294,7 @@ def send_signal(
     result = run(transport, script, timeout=timeout)
     if result.exit_code == 0:
         return True
-    if not process_alive(transport, pid, timeout):
+    if result.exit_code == 3 or not process_alive(transport, pid, timeout):
         return False
     raise SandboxError(f"sending SIG{name} to process {pid} failed: {_tail(result.stderr)}")
 
@@ -331,12 +354,12 @@ def _collect(
     out, err = bytearray(), bytearray()
     if not stdin:
         channel.shutdown_write()
-    fd = channel.fileno()
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
     while True:
-        if stdin and channel.send_ready():
-            stdin = stdin[channel.send(bytes(stdin[:_CHUNK])) :]
-            if not stdin:
-                channel.shutdown_write()
+        sent = 0
+        if stdin:
+            stdin, sent = _feed(channel, stdin)
         while channel.recv_ready():
             out += channel.recv(_CHUNK)
         while channel.recv_stderr_ready():
@@ -348,7 +371,25 @@ def _collect(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SandboxTimeout(f"{argv[0]!r} did not finish on the sandbox in time")
-        _wait(channel, fd, min(remaining, 0.005 if stdin else 0.5))
+        if not sent:
+            _wait(channel, poller, min(remaining, 0.005 if stdin else 0.5))
+
+
+def _feed(channel: paramiko.Channel, stdin: memoryview) -> tuple[memoryview, int]:
+    """Send as much of ``stdin`` as the window allows (up to a burst); close it when done.
+
+    Returns:
+        The bytes still to send, and how many were sent now.
+    """
+    sent = 0
+    while stdin and sent < _STDIN_BURST and channel.send_ready():
+        n = channel.send(bytes(stdin[:_CHUNK]))
+        if n == 0:  # the remote closed its stdin: drop the rest, like a broken pipe
+            return memoryview(b""), sent
+        stdin, sent = stdin[n:], sent + n
+    if not stdin:
+        channel.shutdown_write()
+    return stdin, sent
 
 
 def _finished(channel: paramiko.Channel) -> bool:
@@ -377,12 +418,12 @@ def _result(
     return CommandResult(code, bytes(out), bytes(err))
 
 
-def _wait(channel: paramiko.Channel, fd: int, timeout: float) -> None:
+def _wait(channel: paramiko.Channel, poller: select.poll, timeout: float) -> None:
     """Sleep until the channel has news (output, EOF, exit status) or ``timeout`` passes."""
     if channel.eof_received or channel.closed:
         channel.status_event.wait(timeout)
     else:
-        select.select([fd], [], [], timeout)
+        poller.poll(timeout * 1000)
 
 
 def _env_words(env: Mapping[str, str]) -> list[str]:
@@ -404,14 +445,21 @@ def _env_words(env: Mapping[str, str]) -> list[str]:
     return words
 
 
-def _check_path(path: str, what: str) -> None:
+def _check_path(path: str, what: str, absolute: bool = False) -> None:
     """Refuse an empty path, one with NUL or newline, or one that is not a string.
+
+    Args:
+        path: the remote path.
+        what: its name, for the message.
+        absolute: also require an absolute path.
 
     Raises:
         SandboxConfigError: the path is unusable.
     """
     if not isinstance(path, str) or not path or "\0" in path or "\n" in path:
         raise SandboxConfigError(f"{what}={path!r} is not a usable remote path")
+    if absolute and not path.startswith("/"):
+        raise SandboxConfigError(f"{what}={path!r} must be an absolute path")
 
 
 def _check_pid(pid: int) -> None:
