@@ -77,6 +77,21 @@ def boot_files(image: str | os.PathLike[str]) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".vmlinuz"), stem.with_name(stem.name + ".initrd")
 
 
+def boot_cmdline(image: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Extra kernel command line words from ``<name>.cmdline`` next to ``image``, if present.
+
+    A NixOS image ships one holding ``init=/nix/store/...-nixos-system-.../init``: it comes
+    after our default ``init=/sbin/sandbox-init`` on the command line, and the last one wins.
+    """
+    path = Path(image)
+    stem = path.with_suffix("") if path.suffix == ".qcow2" else path
+    for candidate in (stem.with_name(stem.name + ".cmdline"),
+                      Path(os.path.realpath(stem)).with_name(Path(os.path.realpath(stem)).name + ".cmdline")):
+        if candidate.is_file():
+            return tuple(candidate.read_text().split())
+    return ()
+
+
 def build_vm_image(force: bool = False) -> str:
     """Build (or reuse) the Debian guest image and point the ``debian-guest.*`` links at it.
 
