@@ -453,6 +453,20 @@ def test_reconnects_after_sshd_restarts(
     assert _echo_once(port, b"after restart") == b"after restart"
 
 
+def test_connection_made_while_down_waits_for_the_reconnect(
+    tunnel: SSHTunnel, sshd: SSHServer, server_port: int
+) -> None:
+    port = tunnel.forward(0, server_port)
+    sshd.stop()
+    _wait_until(lambda: not tunnel.is_alive, 10, "the tunnel to notice")
+    restart = threading.Timer(1.0, sshd.start)
+    restart.start()
+    try:
+        assert _echo_once(port, b"waited") == b"waited"  # held until sshd is back
+    finally:
+        restart.join()
+
+
 def test_explicit_reconnect(tunnel: SSHTunnel, server_port: int) -> None:
     port = tunnel.forward(0, server_port)
     old = tunnel._transport

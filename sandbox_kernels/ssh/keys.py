@@ -105,7 +105,7 @@ def generate_keypair(comment: str = "sandbox-kernels") -> KeyPair:
 
 
 def make_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create a directory of mode 0700 (parents too, also 0700), or check an existing one.
+    """Create a directory of mode 0700 (and its missing parents), or check an existing one.
 
     Args:
         path: the directory.

@@ -226,13 +226,13 @@ class SSHTunnel(RemoteCommands):
         if connecting is not None:
             with contextlib.suppress(OSError):
                 connecting.shutdown(socket.SHUT_RDWR)
+        if transport is not None:  # first, so the pump thread's paramiko calls return now
+            close_transport(transport, self._logger)
         self._wake()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout + self._connect_timeout)
+            thread.join(timeout)
             if thread.is_alive():
                 self._logger.warning("tunnel thread %s did not stop in time", self._name)
-        if transport is not None:
-            close_transport(transport, self._logger)
         self._release_resources()
         self._logger.debug("tunnel to %s closed", self._target)
 
