@@ -10,6 +10,7 @@ left readable. The domain and its overlay are always removed, also on failure an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import paramiko
 
@@ -123,9 +124,11 @@ def check_image(path: str, kernel: str | None = None, initrd: str | None = None,
         name = host.start(spec)
         ready = wait_ready(host, name, serial_log, boot_timeout)
         remaining = max(boot_timeout - (time.monotonic() - boot_start), 10.0)
-        client = _connect(port, host_key.public_line, client_key.paramiko_key, remaining)
-        ssh_up = time.monotonic() - boot_start
-        results = _run_checks(client, port, hostname)
+        # paramiko logs each login and each refused channel (an expected result here).
+        with _muted("paramiko.transport"):
+            client = _connect(port, host_key.public_line, client_key.paramiko_key, remaining)
+            ssh_up = time.monotonic() - boot_start
+            results = _run_checks(client, port, hostname)
     finally:
         if client is not None:
             client.close()
@@ -147,6 +150,17 @@ def check_image(path: str, kernel: str | None = None, initrd: str | None = None,
         raise SandboxError(f"the image does not keep the guest contract ({', '.join(failed)}):\n"
                            f"{report}")
     return report
+
+
+@contextlib.contextmanager
+def _muted(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _boot_files(image: Path, base: Path, kernel: str | None,
@@ -219,17 +233,6 @@ def _run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> tuple
 
 
 def _run_checks(client: paramiko.SSHClient, port: int, hostname: str) -> list[CheckResult]:
-    """Run every check; paramiko's own log is muted (a refused channel is an expected result)."""
-    transport_log = logging.getLogger("paramiko.transport")
-    level = transport_log.level
-    transport_log.setLevel(logging.CRITICAL)
-    try:
-        return _run_checks_logged(client, port, hostname)
-    finally:
-        transport_log.setLevel(level)
-
-
-def _run_checks_logged(client: paramiko.SSHClient, port: int, hostname: str) -> list[CheckResult]:
     checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = [
         ("user is executor", lambda: _check_user(client)),
         ("python3 imports ipykernel", lambda: _check_ipykernel(client)),

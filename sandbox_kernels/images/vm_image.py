@@ -22,28 +22,24 @@ from pathlib import Path
 from ..cache import cache_dir, recipe_hash
 from ..errors import SandboxError, SandboxUnavailable
 from ..progress import Progress, run_step
+from .initrd import INITRD_INIT, build_initrd
 from .rootfs import base_recipe, chroot_apt_install, ensure_base_rootfs, require_root
 
 GUEST_DIR = Path(__file__).with_name("guest")
 INIT_SCRIPT = GUEST_DIR / "sandbox-init"
 SSHD_CONFIG = GUEST_DIR / "sshd_config"
-VM_PACKAGES = ["linux-image-cloud-amd64", "initramfs-tools", "kmod", "openssh-server", "iproute2"]
-#: Modules the initrd loads so it can mount the root disk (MODULES=list keeps it small).
+VM_PACKAGES = ["linux-image-cloud-amd64", "initramfs-tools", "kmod", "openssh-server", "iproute2",
+               "busybox-static"]
+#: Modules our initrd loads so it can mount the root disk (built-in ones are skipped).
 INITRD_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
 #: Free space left on the root filesystem for the kernel user's files, in MiB.
 HEADROOM_MIB = 1024
 STABLE_NAME = "debian-guest"
 SUFFIXES = (".qcow2", ".vmlinuz", ".initrd")
 
+#: initramfs-tools must be installed (the kernel package depends on it) but its initrd is
+#: replaced by ours (initrd.py); MODULES=list keeps its unused build short.
 _INITRAMFS_CONF = "MODULES=list\nBUSYBOX=n\nCOMPRESS=gzip\n"
-_INITRAMFS_HOOK = """#!/bin/sh
-# sandbox-kernels: load the few modules needed to mount the virtio root disk (no udev).
-[ "$1" = prereqs ] && exit 0
-. /usr/share/initramfs-tools/hook-functions
-for module in {modules}; do
-    force_load "$module"
-done
-"""
 _POLICY_RC = "#!/bin/sh\n# no services start while the image is built\nexit 101\n"
 
 
@@ -57,12 +53,12 @@ def vm_dir() -> Path:
 def vm_recipe() -> dict[str, object]:
     """What defines the VM image (with the init script and sshd config, its hash keys the cache)."""
     return {"rootfs": base_recipe(), "packages": VM_PACKAGES, "initrd_modules": INITRD_MODULES,
-            "headroom_mib": HEADROOM_MIB, "version": 1}
+            "headroom_mib": HEADROOM_MIB, "version": 2}
 
 
 def image_stem() -> str:
     """``debian-<hash>``: the file name stem of the image the current recipe produces."""
-    return f"debian-{recipe_hash(vm_recipe(), INIT_SCRIPT, SSHD_CONFIG)}"
+    return f"debian-{recipe_hash(vm_recipe(), INIT_SCRIPT, SSHD_CONFIG, INITRD_INIT)}"
 
 
 def default_image() -> Path:
@@ -153,11 +149,7 @@ def _install_packages(root: Path, progress: Progress) -> None:
     """apt-get update and install the kernel, initramfs-tools, sshd and iproute2 in ``root``."""
     conf = root / "etc/initramfs-tools"
     (conf / "conf.d").mkdir(parents=True, exist_ok=True)
-    (conf / "hooks").mkdir(parents=True, exist_ok=True)
     (conf / "conf.d/sandbox-kernels.conf").write_text(_INITRAMFS_CONF)
-    hook = conf / "hooks/sandbox-kernels"
-    hook.write_text(_INITRAMFS_HOOK.format(modules=" ".join(INITRD_MODULES)))
-    hook.chmod(0o755)
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text(_POLICY_RC)
     policy.chmod(0o755)
@@ -167,7 +159,7 @@ def _install_packages(root: Path, progress: Progress) -> None:
     progress.step("apt-get update in the guest root")
     run_step(["chroot", str(root), "apt-get", "update", "-q"], step="apt-get update",
              timeout=600, progress=progress, env=env)
-    progress.step(f"install {', '.join(VM_PACKAGES)} (downloads ~60 MB)")
+    progress.step(f"install {', '.join(VM_PACKAGES)} (downloads ~70 MB)")
     chroot_apt_install(root, VM_PACKAGES, progress, "apt-get install kernel and sshd")
     policy.unlink()
 
@@ -194,13 +186,14 @@ def _configure(root: Path, work: Path) -> tuple[Path, Path]:
     (root / "etc/hostname").write_text("sandbox\n")
     (root / ".sandbox-kernels-complete").unlink(missing_ok=True)
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
-    initrds = sorted((root / "boot").glob("initrd.img-*"))
-    if len(kernels) != 1 or len(initrds) != 1:
-        raise SandboxError(f"expected one kernel and one initrd in {root / 'boot'}, found "
-                           f"{[p.name for p in kernels + initrds]}")
+    if len(kernels) != 1:
+        raise SandboxError(f"expected one kernel in {root / 'boot'}, found "
+                           f"{[p.name for p in kernels]}")
     vmlinuz, initrd = work / "vmlinuz", work / "initrd"
     shutil.move(kernels[0], vmlinuz)
-    shutil.move(initrds[0], initrd)
+    initrd.write_bytes(build_initrd(root, INITRD_MODULES))
+    for unused in (root / "boot").glob("initrd.img-*"):
+        unused.unlink()
     for entry in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
         if (root / entry).is_symlink():
             (root / entry).unlink()

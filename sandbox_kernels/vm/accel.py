@@ -19,7 +19,6 @@ as a WARNING: TCG works but is several times slower.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from ..cache import cache_dir, recipe_hash
 from ..errors import SandboxConfigError, SandboxUnavailable
+from .cpio import Cpio
 
 log = logging.getLogger("sandbox_kernels.vm")
 
@@ -182,39 +182,15 @@ def probe_initramfs() -> bytes:
         for path in _LDD_PATH.findall(line):
             if os.path.exists(path):
                 files[path] = os.path.realpath(path)
-    script = f"#!/bin/sh\necho {PROBE_MARKER}\n".encode()
-    archive = _Cpio()
+    archive = Cpio()
     dirs = sorted({str(p) for f in [*files, "/init", "/dev/console"] for p in Path(f).parents} - {"/"})
     for directory in dirs:
-        archive.add(directory, 0o040755, b"")
-    archive.add("/dev/console", 0o020600, b"", rdev=(5, 1))
+        archive.directory(directory)
+    archive.char_device("/dev/console", 5, 1)
     for name, source in files.items():
-        archive.add(name, 0o100755, Path(source).read_bytes())
-    archive.add("/init", 0o100755, script)
+        archive.file(name, Path(source).read_bytes(), 0o755)
+    archive.file("/init", f"#!/bin/sh\necho {PROBE_MARKER}\n".encode(), 0o755)
     return archive.finish()
-
-
-class _Cpio:
-    """Writes a ``newc`` (SVR4, no CRC) cpio archive, the format the kernel unpacks."""
-
-    def __init__(self) -> None:
-        self.buffer = io.BytesIO()
-        self.ino = 1
-
-    def add(self, name: str, mode: int, data: bytes, rdev: tuple[int, int] = (0, 0)) -> None:
-        path = name.lstrip("/").encode() + b"\0"
-        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(path), 0]
-        self.ino += 1
-        self._write(b"070701" + b"".join(b"%08X" % f for f in fields) + path)
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        self.buffer.write(data)
-        self.buffer.write(b"\0" * (-self.buffer.tell() % 4))
-
-    def finish(self) -> bytes:
-        self.add("TRAILER!!!", 0, b"")
-        return self.buffer.getvalue()
 
 
 def _last_line(text: str) -> str:
