@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 import paramiko
 
 from ..errors import HostKeyMismatch, SandboxConnectionError, SandboxError, SandboxTimeout
-from ..ssh.keys import generate_keypair, parse_public_key
+from ..ssh.keys import KeyPair, generate_keypair, parse_public_key
 from ..vm.access import ensure_emulator_access
-from ..vm.accel import choose_domain_type
+from ..vm.accel import AccelChoice, choose_domain_type
 from ..vm.boot import free_port, wait_ready
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import DEFAULT_URI, LibvirtHost
@@ -67,6 +67,98 @@ class CheckResult:
     detail: str
 
 
+@dataclass
+class TrialVM:
+    """A booted throwaway VM (see :func:`throwaway_vm`).
+
+    Attributes:
+        name: the libvirt domain name.
+        host: the libvirt connection it runs on.
+        port: the host port on 127.0.0.1 forwarded to the guest's sshd.
+        hostname: the hostname given in its seed.
+        host_key: the guest's host key pair (its public half is pinned).
+        client_key: the key pair that logs in as executor.
+        accel: the accelerator choice it runs with.
+        started: ``time.monotonic()`` when the domain was started.
+        ready_after: seconds from start to ``SANDBOX-READY``.
+        connect_timeout: seconds :meth:`connect` keeps retrying.
+    """
+
+    name: str
+    host: LibvirtHost
+    port: int
+    hostname: str
+    host_key: KeyPair
+    client_key: KeyPair
+    accel: AccelChoice
+    started: float
+    ready_after: float
+    connect_timeout: float = 60.0
+
+    def connect(self) -> paramiko.SSHClient:
+        """An SSH client logged in as executor, the host key pinned (see :func:`_connect`)."""
+        return _connect(self.port, self.host_key.public_line, self.client_key.paramiko_key,
+                        self.connect_timeout)
+
+
+@contextlib.contextmanager
+def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
+                 initrd: str | None = None, *, uri: str = DEFAULT_URI, accel: str = "auto",
+                 memory_mib: int = 1024, boot_timeout: float = 180.0,
+                 allow_network: bool = False) -> Iterator[TrialVM]:
+    """Boot ``path`` in a transient domain with a fresh seed; destroy it and its files after.
+
+    The domain and its directory (overlay, seed, console log) are removed when the block
+    ends, however it ends (exception, Ctrl-C).
+
+    Raises:
+        SandboxNotFound / SandboxError: missing or corrupt image, kernel or initrd.
+        SandboxStartError / SandboxTimeout: the VM did not boot (the console tail is shown).
+    """
+    image = Path(path)
+    base = check_base_image(image)
+    kernel_path, initrd_path = _boot_files(image, base, kernel, initrd)
+    choice = choose_domain_type(accel, kernel_path)
+    kernel_id = f"check-{secrets.token_hex(6)}"
+    hostname = f"sk-{kernel_id}"
+    host = LibvirtHost(uri)
+    workdir = Path(tempfile.mkdtemp(prefix="sandbox-kernels-check-",
+                                    dir=os.environ.get("NIXOS_EPHEMERAL_VM_IMAGES_DIR") or None))
+    name = ""
+    try:
+        host_key = generate_keypair(f"sandbox-kernels-host@{kernel_id}")
+        client_key = generate_keypair(f"sandbox-kernels-client@{kernel_id}")
+        overlay = create_overlay(base, workdir)
+        seed = write_seed_disk(workdir / "seed.img", host_key.private_openssh,
+                               client_key.public_line, hostname, allow_network=allow_network,
+                               random_seed=os.urandom(32), workspace=False)
+        serial_log = workdir / "console.log"
+        files = [overlay, seed, kernel_path, base] + ([initrd_path] if initrd_path else [])
+        uid, gids = host.emulator_identity()
+        ensure_emulator_access(files, uid, gids)
+        spec = DomainSpec(
+            kernel_id=kernel_id, domain_type=choice.domain_type, memory_mib=memory_mib, vcpus=1,
+            kernel=str(kernel_path), initrd=str(initrd_path) if initrd_path else None,
+            root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=free_port(),
+            allow_network=allow_network, extra_cmdline=boot_cmdline(image),
+            labels={"sandbox-kernels.purpose": "image-check"},
+        )
+        started = time.monotonic()
+        name = spec.name  # set first: a Ctrl-C during start must still destroy it
+        host.start(spec)
+        ready = wait_ready(host, name, serial_log, boot_timeout)
+        remaining = max(boot_timeout - (time.monotonic() - started), 10.0)
+        yield TrialVM(name, host, spec.ssh_port, hostname, host_key, client_key, choice,
+                      started, ready, remaining)
+    finally:
+        try:
+            if name:
+                host.destroy(name)
+        finally:
+            host.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def check_image(path: str, kernel: str | None = None, initrd: str | None = None, *,
                 uri: str = DEFAULT_URI, accel: str = "auto", memory_mib: int = 1024,
                 boot_timeout: float = 180.0) -> str:
@@ -91,57 +183,16 @@ def check_image(path: str, kernel: str | None = None, initrd: str | None = None,
         SandboxError: one or more contract checks failed (the report lists them).
     """
     started = time.monotonic()
-    image = Path(path)
-    base = check_base_image(image)
-    kernel_path, initrd_path = _boot_files(image, base, kernel, initrd)
-    choice = choose_domain_type(accel, kernel_path)
-    hostname = f"sk-check-{secrets.token_hex(4)}"
-    kernel_id = f"check-{secrets.token_hex(6)}"
-    host = LibvirtHost(uri)
-    workdir = Path(tempfile.mkdtemp(prefix="sandbox-kernels-check-",
-                                    dir=os.environ.get("NIXOS_EPHEMERAL_VM_IMAGES_DIR") or None))
-    name = ""
-    client: paramiko.SSHClient | None = None
-    try:
-        host_key = generate_keypair(f"sandbox-kernels-host@{kernel_id}")
-        client_key = generate_keypair(f"sandbox-kernels-client@{kernel_id}")
-        overlay = create_overlay(base, workdir)
-        seed = write_seed_disk(workdir / "seed.img", host_key.private_openssh,
-                               client_key.public_line, hostname, allow_network=False,
-                               random_seed=os.urandom(32), workspace=False)
-        serial_log = workdir / "console.log"
-        port = free_port()
-        files = [overlay, seed, kernel_path] + ([initrd_path] if initrd_path else [])
-        uid, gids = host.emulator_identity()
-        ensure_emulator_access(files + [base], uid, gids)
-        spec = DomainSpec(
-            kernel_id=kernel_id, domain_type=choice.domain_type, memory_mib=memory_mib, vcpus=1,
-            kernel=str(kernel_path), initrd=str(initrd_path) if initrd_path else None,
-            root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=port,
-            extra_cmdline=boot_cmdline(image), labels={"sandbox-kernels.purpose": "image-check"},
-        )
-        boot_start = time.monotonic()
-        name = host.start(spec)
-        ready = wait_ready(host, name, serial_log, boot_timeout)
-        remaining = max(boot_timeout - (time.monotonic() - boot_start), 10.0)
+    with throwaway_vm(path, kernel, initrd, uri=uri, accel=accel, memory_mib=memory_mib,
+                      boot_timeout=boot_timeout) as vm:
         # paramiko logs each login and each refused channel (an expected result here).
-        with _muted("paramiko.transport"):
-            client = _connect(port, host_key.public_line, client_key.paramiko_key, remaining)
-            ssh_up = time.monotonic() - boot_start
-            results = _run_checks(client, port, hostname)
-    finally:
-        if client is not None:
-            client.close()
-        try:
-            if name:
-                host.destroy(name)
-        finally:
-            host.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+        with _muted("paramiko.transport"), contextlib.closing(vm.connect()) as client:
+            ssh_up = time.monotonic() - vm.started
+            results = _run_checks(client, vm.port, vm.hostname)
     total = time.monotonic() - started
     lines = [f"image check {path}",
-             f"  accelerator: {choice.domain_type} ({choice.reason})",
-             f"  boot: SANDBOX-READY after {ready:.1f} s, SSH login after {ssh_up:.1f} s"]
+             f"  accelerator: {vm.accel.domain_type} ({vm.accel.reason})",
+             f"  boot: SANDBOX-READY after {vm.ready_after:.1f} s, SSH login after {ssh_up:.1f} s"]
     lines += [f"  {'PASS' if r.ok else 'FAIL'} {r.name}: {r.detail}" for r in results]
     lines.append(f"  total {total:.1f} s (VM destroyed, overlay removed)")
     report = "\n".join(lines)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import (
-    SandboxConnectionError,
     SandboxError,
     SandboxNotFound,
     SandboxStartError,
