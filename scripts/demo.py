@@ -46,8 +46,9 @@ def main() -> int:
         print(f"executed notebook: {out}")
         for line in summary(out):
             print(f"   {line}")
-    print("\nJupyterLab: .venv/bin/jupyter lab --allow-root, then pick a 'Python (Docker)' or "
-          "'Python (NixOS VM)' kernel.")
+    print("\nTry it in JupyterLab: .venv/bin/jupyter lab --allow-root, open a notebook with the "
+          "'Python (NixOS VM)' kernel, and use the 'Sandbox snapshots' panel in the left sidebar "
+          "(URL path /lab; REST API under /sandbox-kernels/api/).")
     return 1 if failures else 0
 
 

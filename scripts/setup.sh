@@ -16,6 +16,7 @@ APT_PACKAGES=(
     docker.io debootstrap
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     openssh-server openssh-client e2fsprogs iproute2 zstd
+    python3-ipykernel  # the "remote host" Python of the SSH-host tests
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -48,4 +49,10 @@ log "installing kernelspecs into .venv"
 
 log "building images (cached by recipe hash under ~/.cache/sandbox-kernels)"
 .venv/bin/sandbox-kernels image build docker
+.venv/bin/sandbox-kernels image build vm
+
+if [ -x scripts/build-panel.sh ]; then
+    log "building the JupyterLab panel (cached by source hash)"
+    scripts/build-panel.sh
+fi
 log "ready"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("SANDBOX_KERNELS_STATE_DIR", "/tmp/sandbox-kernels-test")
+    # One id per test session: labels everything this run creates (see helpers/leaks.py).
+    session = os.environ.setdefault("SANDBOX_KERNELS_SESSION", uuid.uuid4().hex[:12])
+    os.environ.setdefault("SANDBOX_KERNELS_STATE_DIR", f"/tmp/sandbox-kernels-test/{session}")
     # pytest-jupyter's jp_environ moves HOME: pin the image cache before it does.
     from sandbox_kernels.cache import cache_dir
 
@@ -45,6 +49,7 @@ def nothing_leaked() -> Iterator[None]:
     leaked = {kind: sorted(set(items) - set(before.get(kind, []))) for kind, items in after.items()}
     leaked = {k: v for k, v in leaked.items() if v}
     remove_leaks(leaked)
+    shutil.rmtree(os.environ["SANDBOX_KERNELS_STATE_DIR"], ignore_errors=True)
     assert not leaked, f"tests left these behind: {json.dumps(leaked, indent=1)}"
 
 

@@ -99,6 +99,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._has_process = False
         self._sandbox_ready = False
         self._busy = 0  # snapshot/rollback operations in progress: poll() reports alive
+        self._restarting = False  # between cleanup(restart=True) and the next launch
         self._idle = asyncio.Event()
         self._idle.set()
         self._sandbox_env: dict[str, str] = {}
@@ -214,6 +215,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await _shielded(self._teardown())
             raise
         self._has_process = True
+        self._restarting = False
         if self._control is None:
             self._control = ControlServer(self)
             await self._control.start()
@@ -235,7 +237,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """
         if not self._has_process:
             return 0
-        if self._busy:
+        if self._busy or self._restarting:
             return None
         try:
             return await self.kernel_exit_code()
@@ -276,10 +278,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         On restart the sandbox is kept (the next ``launch_kernel`` starts a fresh kernel in it)
         unless :meth:`keep_sandbox_on_restart` says otherwise. Otherwise everything goes.
         """
-        self._has_process = False
         if restart and self._sandbox_ready and await self.keep_sandbox_on_restart():
+            # The sandbox stays and a new kernel follows at once: keep reporting a live
+            # kernel meanwhile, or clients waiting for it would conclude it died.
+            self._restarting = True
             await self.stop_kernel()
             return
+        self._has_process = False
         await _shielded(self._teardown())
 
     async def get_provisioner_info(self) -> dict[str, Any]:
@@ -350,6 +355,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _teardown(self) -> None:
         self._has_process = False
+        self._restarting = False
         self._sandbox_ready = False
         if self._control is not None:
             await self._control.close()

@@ -57,10 +57,24 @@ class TunnelledProvisioner(SandboxProvisioner):
         """The connection file lives in the remote kernel directory."""
         return f"{self.remote_dir()}/connection.json"
 
+    @property
+    def _log_path(self) -> str:
+        return f"{self.remote_dir()}/kernel.log"
+
     async def _tunnel_ready(self) -> SSHTunnel:
         if self.tunnel is None:
             self.tunnel = await self.open_tunnel()
         return self.tunnel
+
+    async def _remote(self, fn: Any, *args: Any) -> Any:
+        """Call a tunnel method; after a dropped connection, reconnect once and retry."""
+        tunnel = await self._tunnel_ready()
+        try:
+            return await to_thread(fn, *args)
+        except SandboxConnectionError as e:
+            self.log.warning("Kernel %s: SSH connection dropped (%s); reconnecting", self.kernel_id, e)
+            await to_thread(tunnel.ensure_connected, 60)
+            return await to_thread(fn, *args)
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
         """Write a connection file with port 0 (the kernel picks free ports) and start it."""
@@ -68,12 +82,10 @@ class TunnelledProvisioner(SandboxProvisioner):
         info = self.sandbox_connection_info()
         info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
         rdir = self.remote_dir()
-        await to_thread(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
-        await to_thread(tunnel.run, ["rm", "-f", f"{rdir}/kernel.log", f"{rdir}/kernel.log.exit"], None, 30)
-        await to_thread(tunnel.write_file, self.sandbox_connection_file(),
-                                json.dumps(info).encode(), 0o600)
-        self.pid = await to_thread(tunnel.start_detached, cmd, f"{rdir}/kernel.log", env,
-                                           self.remote_cwd())
+        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+        await self._remote(tunnel.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"], None, 30)
+        await self._remote(tunnel.write_file, self.sandbox_connection_file(), json.dumps(info).encode(), 0o600)
+        self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
         self._remote_ports = {}
 
     async def wait_ready(self) -> None:
@@ -82,12 +94,12 @@ class TunnelledProvisioner(SandboxProvisioner):
         path = self.sandbox_connection_file()
         deadline = time.monotonic() + self.launch_timeout
         while time.monotonic() < deadline:
-            result = await to_thread(tunnel.run, ["cat", path], None, 30)
+            result = await self._remote(tunnel.run, ["cat", path], None, 30)
             ports = _ports(result.stdout)
             if ports:
                 await to_thread(self._forward, tunnel, ports)
                 return
-            status = await to_thread(tunnel.process_status, self.pid)
+            status = await self._remote(tunnel.process_status, self.pid, self._log_path)
             if status.state != "running":
                 raise SandboxStartError(
                     f"the kernel exited during start-up (exit code {status.exit_code}). "
@@ -123,9 +135,9 @@ class TunnelledProvisioner(SandboxProvisioner):
         if not await self.sandbox_alive():
             return -1
         try:
-            status = await to_thread(self.tunnel.process_status, self.pid, None, 15)
+            status = await to_thread(self.tunnel.process_status, self.pid, self._log_path, 15)
         except (SandboxConnectionError, SandboxTimeout) as e:
-            if self.tunnel.last_error is not None and not self.tunnel.is_alive and _gave_up(self.tunnel):
+            if self.tunnel.gave_up:
                 self.log.error("Kernel %s: SSH connection lost for good: %s", self.kernel_id, e)
                 return -1
             self.log.warning("Kernel %s: SSH connection interrupted (%s); reconnecting", self.kernel_id, e)
@@ -167,10 +179,6 @@ def _ports(raw: bytes) -> dict[str, int] | None:
         return None  # being rewritten by the kernel right now
     ports = {ch: int(info.get(f"{ch}_port") or 0) for ch in CHANNELS}
     return ports if all(ports.values()) else None
-
-
-def _gave_up(tunnel: SSHTunnel) -> bool:
-    return bool(getattr(tunnel, "_gave_up", False))
 
 
 def quote(argv: list[str]) -> str:

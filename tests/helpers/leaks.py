@@ -1,4 +1,9 @@
-"""Find and remove anything labelled as sandbox-kernels' own: containers, domains, state dirs."""
+"""Find and remove what this test session created: containers, domains, pods, state dirs.
+
+Everything the session starts carries the label ``sandbox-kernels.session=<id>`` (from the
+``SANDBOX_KERNELS_SESSION`` variable, inherited by papermill subprocesses too), so a test run
+never mistakes another run's sandboxes for its own leaks.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,49 @@ import shutil
 import subprocess
 from pathlib import Path
 
-STATE_DIRS = [Path("/tmp/sandbox-kernels-test")]
+SESSION_LABEL = "sandbox-kernels.session"
+
+
+def _session() -> str:
+    return os.environ["SANDBOX_KERNELS_SESSION"]
 
 
 def _docker_containers() -> list[str]:
     if not shutil.which("docker"):
         return []
     out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", "label=sandbox-kernels.kernel-id"],
+        ["docker", "ps", "-aq", "--filter", f"label={SESSION_LABEL}={_session()}"],
         capture_output=True, text=True, timeout=30,
     )
     return out.stdout.split() if out.returncode == 0 else []
 
 
-def _domains() -> list[str]:
-    if not shutil.which("virsh"):
+def _docker_images() -> list[str]:
+    if not shutil.which("docker"):
         return []
     out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        ["docker", "images", "-q", "--filter", f"label={SESSION_LABEL}={_session()}"],
         capture_output=True, text=True, timeout=30,
     )
-    return [n for n in out.stdout.split() if n.startswith("sandbox-kernels-")]
+    return sorted(set(out.stdout.split())) if out.returncode == 0 else []
+
+
+def _domains() -> list[str]:
+    try:
+        from sandbox_kernels.errors import SandboxError
+        from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+    except ImportError:
+        return []
+    try:
+        with LibvirtHost() as host:
+            return [n for n in host.list_domains() if host.labels(n).get(SESSION_LABEL) == _session()]
+    except SandboxError:
+        return []
 
 
 def _state_entries() -> list[str]:
-    found = []
-    for root in STATE_DIRS:
-        if root.is_dir():
-            found += [str(p) for p in root.iterdir()]
-    return found
+    root = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"])
+    return [str(p) for p in root.iterdir()] if root.is_dir() else []
 
 
 def _pods() -> list[str]:
@@ -50,9 +69,10 @@ def _pods() -> list[str]:
 
 
 def find_leaks() -> dict[str, list[str]]:
-    """Everything of ours that exists now, by kind."""
+    """Everything of this session's that exists now, by kind."""
     return {
         "containers": _docker_containers(),
+        "snapshot images": _docker_images(),
         "domains": _domains(),
         "state": _state_entries(),
         "pods": _pods(),
@@ -63,6 +83,8 @@ def remove_leaks(leaks: dict[str, list[str]]) -> None:
     """Best-effort removal so one leak does not break later runs."""
     for cid in leaks.get("containers", []):
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
+    for image in leaks.get("snapshot images", []):
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True, timeout=60)
     for dom in leaks.get("domains", []):
         subprocess.run(["virsh", "-c", "qemu:///system", "destroy", dom], capture_output=True, timeout=60)
         subprocess.run(["virsh", "-c", "qemu:///system", "undefine", dom, "--snapshots-metadata"],

@@ -1,0 +1,395 @@
+"""Libvirt runtime: "Python (NixOS VM)", one QEMU virtual machine per kernel (``sandbox-nixos-vm``).
+
+Each kernel gets a copy-on-write overlay of the base image, a seed disk with fresh per-kernel
+SSH keys (client key, and the guest host key that is pinned), direct kernel boot, and QEMU
+user-mode networking whose only way in is the guest's port 22 forwarded to 127.0.0.1. The
+kernel is then started and reached over SSH exactly as on an SSH host. Snapshots are libvirt
+internal snapshots of the running domain, memory included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Float, Int, List, Unicode, default, validate
+
+from ..aio import to_thread
+from ..cache import cache_dir
+from ..errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout, SandboxUnavailable
+from ..settings import check_name, env_default
+from ..snapshots.model import Capabilities, Snapshot
+from ..ssh.keys import create_sandbox_keys, load_private_key
+from ..ssh.tunnel import SSHTunnel
+from ..vm import overlay
+from ..vm.access import ensure_emulator_access
+from ..vm.accel import choose_domain_type
+from ..vm.domain_xml import DomainSpec
+from ..vm.libvirt_conn import LibvirtHost
+from ..vm.seed import write_seed_disk
+from ..vm.slots import VMSlot, acquire_slot
+from .tunnelled import TunnelledProvisioner
+
+
+
+class LibvirtProvisioner(TunnelledProvisioner):
+    """Runs the kernel in its own libvirt/QEMU VM, reached only over SSH."""
+
+    runtime = "libvirt"
+    kernel_name = "sandbox-nixos-vm"
+
+    base_image = Unicode(config=True, help="Base qcow2 image. Env: NIXOS_SANDBOX_BASE_IMAGE.")
+    guest_kernel = Unicode("", config=True, help="Kernel for direct boot (default: <image>.vmlinuz).")
+    guest_initrd = Unicode("", config=True, help="Initrd for direct boot (default: <image>.initrd).")
+    images_dir = Unicode(config=True,
+                         help="Where per-kernel overlays go. Env: NIXOS_EPHEMERAL_VM_IMAGES_DIR.")
+    workspace_dir = Unicode(config=True,
+                            help="Persistent workspace disks. Env: NIXOS_WORKSPACE_VM_IMAGES_DIR.")
+    workspace = Unicode("", config=True,
+                        help="Name of a persistent workspace disk mounted at the working directory.")
+    workspace_size = Unicode("4g", config=True, help="Size of a new workspace disk.")
+    memory_mb = Int(512, config=True, help="Guest memory in MiB. Env: NIXOS_VM_DEFAULT_MEMORY_MB.")
+    _memory_mb_default = env_default("memory_mb", "NIXOS_VM_DEFAULT_MEMORY_MB")
+    vcpus = Int(1, config=True, help="Guest CPUs. Env: NIXOS_VM_DEFAULT_VCPUS.")
+    _vcpus_default = env_default("vcpus", "NIXOS_VM_DEFAULT_VCPUS")
+    max_concurrent_vms = Int(2, config=True,
+                             help="VMs at once on this host; more kernels wait. Env: NIXOS_MAX_CONCURRENT_VMS.")
+    _max_concurrent_vms_default = env_default("max_concurrent_vms", "NIXOS_MAX_CONCURRENT_VMS")
+    queue_timeout = Float(3600.0, config=True, help="Seconds a kernel may wait for a VM slot.")
+    ssh_key_path = Unicode("", config=True,
+                           help="A static client key instead of a fresh one per VM. Env: NIXOS_VM_SSH_KEY_PATH.")
+    _ssh_key_path_default = env_default("ssh_key_path", "NIXOS_VM_SSH_KEY_PATH")
+    ssh_user = Unicode("executor", config=True, help="Guest user. Env: NIXOS_VM_SSH_USER.")
+    _ssh_user_default = env_default("ssh_user", "NIXOS_VM_SSH_USER")
+    ssh_ready_timeout = Float(120.0, config=True,
+                              help="Seconds for the guest's sshd to answer. Env: NIXOS_VM_SSH_READY_TIMEOUT.")
+    _ssh_ready_timeout_default = env_default("ssh_ready_timeout", "NIXOS_VM_SSH_READY_TIMEOUT")
+    job_completion_timeout = Float(300.0, config=True,
+                                   help="Seconds a snapshot or rollback may take. Env: NIXOS_JOB_COMPLETION_TIMEOUT.")
+    _job_completion_timeout_default = env_default("job_completion_timeout", "NIXOS_JOB_COMPLETION_TIMEOUT")
+    enabled = Bool(True, config=True, help="Allow VM kernels on this server. Env: NIXOS_SANDBOX_ENABLED.")
+    _enabled_default = env_default("enabled", "NIXOS_SANDBOX_ENABLED")
+    accelerator = Unicode("auto", config=True,
+                          help="'auto' (probe KVM, fall back to TCG), 'kvm' or 'qemu'. Env: SANDBOX_KERNELS_VM_ACCEL.")
+    _accelerator_default = env_default("accelerator", "SANDBOX_KERNELS_VM_ACCEL")
+    allow_network = Bool(False, config=True, help="Let the guest open outbound connections.")
+    fresh_vm_on_restart = Bool(False, config=True, help="Restart the kernel in a new VM, not the same one.")
+    libvirt_uri = Unicode("qemu:///system", config=True, help="libvirt connection URI.")
+    extra_cmdline = List(Unicode(), config=True,
+                         help="Extra guest kernel command-line words (e.g. 'console=ttyS0').")
+
+    @validate("extra_cmdline")
+    def _check_cmdline(self, proposal: dict[str, Any]) -> list[str]:
+        for word in proposal["value"]:
+            if not re.fullmatch(r"[A-Za-z0-9_.,:=/+-]{1,200}", word):
+                raise SandboxConfigError(f"extra_cmdline word {word!r} has characters outside [A-Za-z0-9_.,:=/+-].")
+        return list(proposal["value"])
+
+    @default("base_image")
+    def _default_base(self) -> str:
+        return os.environ.get("NIXOS_SANDBOX_BASE_IMAGE") or str(cache_dir() / "vm" / "debian-guest.qcow2")
+
+    @default("images_dir")
+    def _default_images(self) -> str:
+        return os.environ.get("NIXOS_EPHEMERAL_VM_IMAGES_DIR") or str(cache_dir() / "ephemeral")
+
+    @default("workspace_dir")
+    def _default_workspaces(self) -> str:
+        return os.environ.get("NIXOS_WORKSPACE_VM_IMAGES_DIR") or str(cache_dir() / "workspaces")
+
+    @default("launch_timeout")
+    def _default_launch_timeout(self) -> float:
+        return float(os.environ.get("SANDBOX_KERNELS_LAUNCH_TIMEOUT") or self.ssh_ready_timeout + 60)
+
+    @validate("memory_mb")
+    def _check_memory(self, proposal: dict[str, Any]) -> int:
+        if not 128 <= proposal["value"] <= 256 * 1024:
+            raise SandboxConfigError(f"memory_mb={proposal['value']} is out of range: use 128 to 262144.")
+        return int(proposal["value"])
+
+    @validate("vcpus")
+    def _check_vcpus(self, proposal: dict[str, Any]) -> int:
+        if not 1 <= proposal["value"] <= 64:
+            raise SandboxConfigError(f"vcpus={proposal['value']} is out of range: use 1 to 64.")
+        return int(proposal["value"])
+
+    @validate("max_concurrent_vms")
+    def _check_max(self, proposal: dict[str, Any]) -> int:
+        if proposal["value"] < 1:
+            raise SandboxConfigError("max_concurrent_vms (NIXOS_MAX_CONCURRENT_VMS) must be 1 or more.")
+        return int(proposal["value"])
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._host: LibvirtHost | None = None
+        self._slot: VMSlot | None = None
+        self.ssh_port: int | None = None
+        self._keys: dict[str, str] = {}
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def validate_settings(self) -> None:
+        """Refuse a disabled runtime, and image paths that do not exist."""
+        super().validate_settings()
+        if not self.enabled:
+            raise SandboxUnavailable(
+                "VM kernels are disabled on this server (NIXOS_SANDBOX_ENABLED is false).")
+        if self.workspace:
+            check_name(self.workspace, "workspace")
+        if self.ssh_user:
+            check_name(self.ssh_user, "ssh_user")
+
+    @property
+    def _kernel_path(self) -> str:
+        return self.guest_kernel or str(Path(self.base_image).with_suffix(".vmlinuz"))
+
+    @property
+    def _initrd_path(self) -> str | None:
+        if self.guest_initrd:
+            return self.guest_initrd
+        path = Path(self.base_image).with_suffix(".initrd")
+        return str(path) if path.exists() else None
+
+    @property
+    def _image_dir(self) -> Path:
+        return Path(self.images_dir) / self.kernel_id
+
+    def remote_dir(self) -> str:
+        """One kernel per VM: a fixed directory in the guest."""
+        return "/tmp/sandbox-kernel"
+
+    def remote_cwd(self) -> str | None:
+        """The workspace when one is attached, else the executor's home."""
+        home = f"/home/{self.ssh_user}"
+        return f"{home}/work" if self.workspace else home
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Take a VM slot first (waiting in line if all are in use)."""
+        kwargs = await super().pre_launch(**kwargs)
+        if self._slot is None:
+            root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
+            self._slot = await to_thread(acquire_slot, root, self.max_concurrent_vms, self.queue_timeout,
+                                         self.log, f"kernel {self.kernel_id}")
+        return kwargs
+
+    # -- the VM ---------------------------------------------------------------------------------
+
+    async def _libvirt(self) -> LibvirtHost:
+        if self._host is None:
+            self._host = LibvirtHost(self.libvirt_uri)
+            await to_thread(self._host.connect)
+        return self._host
+
+    async def create_sandbox(self) -> None:
+        """Overlay, keys, seed, domain; then wait for the guest's sshd."""
+        base = await to_thread(overlay.check_base_image, self.base_image)
+        if not os.path.isfile(self._kernel_path):
+            raise SandboxConfigError(
+                f"guest kernel {self._kernel_path!r} not found: build the image with "
+                f"`sandbox-kernels image build vm`, or set guest_kernel.")
+        host = await self._libvirt()
+        choice = await to_thread(choose_domain_type, self.accelerator, self._kernel_path)
+        self.log.info("Kernel %s: VM domain type %s (%s)", self.kernel_id, choice.domain_type, choice.reason)
+        state = self.state_dir
+        keys = await to_thread(create_sandbox_keys, state / "ssh", self.kernel_id[:32])
+        if self.ssh_key_path:
+            client = await to_thread(load_private_key, os.path.expanduser(self.ssh_key_path))
+            authorized = f"{client.get_name()} {client.get_base64()}"
+            self._keys = {"client": os.path.expanduser(self.ssh_key_path)}
+        else:
+            authorized = keys.client.public_line
+            self._keys = {"client": str(keys.client_key_path)}
+        self._keys["host_public"] = keys.host.public_line
+        seed = await to_thread(write_seed_disk, state / "seed.img", keys.host.private_openssh, authorized,
+                               f"sandbox-{self.kernel_id[:8]}", self.allow_network, os.urandom(32),
+                               bool(self.workspace))
+        root = await to_thread(overlay.create_overlay, base, self._image_dir)
+        workspace = None
+        if self.workspace:
+            from ..settings import parse_size
+
+            workspace = str(await to_thread(overlay.create_workspace, self.workspace_dir,
+                                            parse_size(self.workspace_size, "workspace_size"),
+                                            f"{self.workspace}.qcow2"))
+        console = state / "console.log"
+        console.touch(mode=0o600)
+        self.ssh_port = _free_port()
+        paths = [str(p) for p in (root, seed, console, self._kernel_path, self._initrd_path, workspace) if p]
+        uid, gids = await to_thread(host.emulator_identity)
+        await to_thread(ensure_emulator_access, paths, uid, gids)
+        spec = DomainSpec(
+            kernel_id=self.kernel_id, domain_type=choice.domain_type, memory_mib=self.memory_mb,
+            vcpus=self.vcpus, kernel=self._kernel_path, initrd=self._initrd_path, root=str(root),
+            seed=str(seed), serial_log=str(console), ssh_port=self.ssh_port,
+            allow_network=self.allow_network, workspace=workspace, labels=self.labels,
+            extra_cmdline=tuple(self.extra_cmdline),
+        )
+        await to_thread(host.start, spec)
+        await self._wait_for_ssh(console)
+
+    async def _wait_for_ssh(self, console: Path) -> None:
+        deadline = time.monotonic() + self.ssh_ready_timeout
+        host = await self._libvirt()
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            text = _tail(console, 4000)
+            if "SANDBOX-FAILED" in text:
+                raise SandboxStartError(f"the guest failed to boot. Console:\n{_tail(console)}")
+            state = await to_thread(host.state, self.sandbox_name)
+            if state not in ("running", "paused"):
+                raise SandboxStartError(f"the VM stopped during boot (state {state}). Console:\n{_tail(console)}")
+            if "SANDBOX-READY" in text or "sshd" in text:
+                try:
+                    self.tunnel = await self.open_tunnel()
+                    return
+                except SandboxError as e:
+                    last = e
+            await asyncio.sleep(0.3)
+        raise SandboxTimeout(
+            f"the guest's sshd did not answer within NIXOS_VM_SSH_READY_TIMEOUT="
+            f"{self.ssh_ready_timeout:g} s (last error: {last}). Console:\n{_tail(console)}")
+
+    async def open_tunnel(self) -> SSHTunnel:
+        """Connect to the forwarded port with the per-kernel key, pinning the seeded host key."""
+        pkey = await to_thread(load_private_key, self._keys["client"])
+        tunnel = SSHTunnel("127.0.0.1", int(self.ssh_port or 0), self.ssh_user, pkey,
+                           host_key=self._keys["host_public"], connect_timeout=10,
+                           reconnect_timeout=self.ssh_ready_timeout, logger=self.log)
+        try:
+            await to_thread(tunnel.ensure_connected, 10)
+        except BaseException:
+            await to_thread(tunnel.close)
+            raise
+        return tunnel
+
+    async def sandbox_alive(self) -> bool:
+        """The domain is running (or paused for a snapshot)."""
+        host = await self._libvirt()
+        return await to_thread(host.state, self.sandbox_name) in ("running", "paused")
+
+    async def keep_sandbox_on_restart(self) -> bool:
+        """Same VM unless fresh_vm_on_restart is set."""
+        return not self.fresh_vm_on_restart
+
+    async def diagnostics(self) -> str:
+        """Kernel log and serial console tails."""
+        parts = [await super().diagnostics()]
+        if self._state_dir is not None:
+            console = self._state_dir / "console.log"
+            if console.exists():
+                parts.append(f"Serial console:\n{_tail(console)}")
+        return "\n".join(p for p in parts if p)
+
+    async def destroy_sandbox(self) -> None:
+        """Destroy and undefine the domain, remove overlay and seed, free the slot."""
+        await self.close_tunnel()
+        try:
+            host = await self._libvirt()
+            await to_thread(host.destroy, self.sandbox_name)
+            await to_thread(host.close)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not remove VM %s: %s (`sandbox-kernels reap` will)",
+                             self.kernel_id, self.sandbox_name, e)
+        self._host = None
+        kept = [s for s in self._snapshot_meta().values() if s.get("keep")]
+        if kept:
+            self.log.info("Kernel %s: keeping overlay %s with snapshots %s", self.kernel_id,
+                          self._image_dir, [s["name"] for s in kept])
+        else:
+            await to_thread(overlay.remove_images, self._image_dir)
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+        self.pid = None
+
+    def runtime_state(self) -> dict[str, Any]:
+        """SSH port and key paths in addition to the tunnelled state."""
+        return {**super().runtime_state(), "ssh_port": self.ssh_port, "keys": self._keys}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        super().load_runtime_state(state)
+        self.ssh_port = state.get("ssh_port")
+        self._keys = state.get("keys", {})
+
+    # -- snapshots: internal libvirt snapshots of the running domain, memory included ---------
+
+    def snapshot_capabilities(self) -> Capabilities:
+        """Memory snapshots (live)."""
+        return Capabilities(
+            kinds=["memory"], default_kind="memory",
+            note="VM snapshots capture the whole machine, memory included: a rollback returns "
+                 "the kernel to that moment without restarting it.",
+        )
+
+    def _meta_path(self) -> Path:
+        return self.state_dir / "snapshots.json"
+
+    def _snapshot_meta(self) -> dict[str, dict[str, Any]]:
+        if self._state_dir is None or not self._meta_path().exists():
+            return {}
+        return dict(json.loads(self._meta_path().read_text()))
+
+    def _save_meta(self, meta: dict[str, dict[str, Any]]) -> None:
+        self._meta_path().write_text(json.dumps(meta))
+
+    async def snapshot_list(self) -> list[Snapshot]:
+        """Snapshots libvirt has for the domain, with our metadata."""
+        meta = self._snapshot_meta()
+        host = await self._libvirt()
+        names = await to_thread(host.snapshot_list, self.sandbox_name)
+        return [Snapshot(name=n, kind="memory", created=meta[n]["created"], size=None,
+                         keep=bool(meta[n].get("keep"))) for n in names if n in meta]
+
+    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
+        """Internal snapshot with memory; records the kernel's pid and ports at that moment."""
+        host = await self._libvirt()
+        snap = Snapshot(name=name, kind="memory", keep=keep)
+        await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, name, True),
+                               self.job_completion_timeout)
+        meta = self._snapshot_meta()
+        meta[name] = {**snap.to_dict(), "pid": self.pid, "ports": self._remote_ports}
+        self._save_meta(meta)
+        return snap
+
+    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
+        """Revert the running domain, then re-establish SSH and the forwards."""
+        host = await self._libvirt()
+        meta = self._snapshot_meta()[snapshot.name]
+        await asyncio.wait_for(to_thread(host.snapshot_revert, self.sandbox_name, snapshot.name),
+                               self.job_completion_timeout)
+        tunnel = await self._tunnel_ready()
+        await to_thread(tunnel.reconnect, self.ssh_ready_timeout)
+        self.pid = meta.get("pid")
+        ports = meta.get("ports") or {}
+        if ports and ports != self._remote_ports:
+            await to_thread(self._forward, tunnel, ports)
+        return False
+
+    async def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """Delete the internal snapshot."""
+        host = await self._libvirt()
+        await to_thread(host.snapshot_delete, self.sandbox_name, snapshot.name)
+        meta = self._snapshot_meta()
+        meta.pop(snapshot.name, None)
+        self._save_meta(meta)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode(errors="replace")

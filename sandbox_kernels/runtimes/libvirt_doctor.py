@@ -1,0 +1,37 @@
+"""Doctor checks for the libvirt (VM) runtime."""
+
+from __future__ import annotations
+
+import os
+
+from ..cache import cache_dir
+from ..doctor import RuntimeReport
+from ..errors import SandboxError
+
+
+def check(report: RuntimeReport) -> None:
+    """libvirt-python, libvirtd, the base image, and KVM vs TCG."""
+    from ..vm.accel import choose_domain_type
+    from ..vm.libvirt_conn import LibvirtHost
+
+    image = os.environ.get("NIXOS_SANDBOX_BASE_IMAGE") or str(cache_dir() / "vm" / "debian-guest.qcow2")
+    try:
+        with LibvirtHost() as host:
+            host.connect()
+            report.details.append("libvirtd reachable at qemu:///system")
+    except SandboxError as e:
+        report.ok = False
+        report.details.append(str(e))
+        report.fixes.append("apt-get install libvirt-daemon-system qemu-system-x86 && virtlogd -d && libvirtd -d")
+    if os.path.exists(image):
+        report.details.append(f"base image {image}")
+    else:
+        report.ok = False
+        report.details.append(f"base image {image} missing")
+        report.fixes.append("sandbox-kernels image build vm (or set NIXOS_SANDBOX_BASE_IMAGE)")
+    kernel = os.path.splitext(image)[0] + ".vmlinuz"
+    try:
+        choice = choose_domain_type("auto", kernel if os.path.exists(kernel) else None)
+        report.details.append(f"accelerator: {choice.domain_type} ({choice.reason})")
+    except SandboxError as e:
+        report.details.append(f"accelerator: {e}")

@@ -1,0 +1,154 @@
+"""The libvirt runtime ("Python (NixOS VM)") against real libvirtd, QEMU (TCG here) and sshd."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lifecycle import LifecycleSuite, Runtime, run_cell, start
+
+pytestmark = pytest.mark.vm
+
+
+def _domains() -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.split()
+
+
+def _destroy(kernel_id: str) -> None:
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"sandbox-kernels-{kernel_id}"],
+                   check=True, capture_output=True, timeout=60)
+
+
+VM = Runtime(
+    kernel_name="sandbox-nixos-vm",
+    sandbox_exists=lambda kid: f"sandbox-kernels-{kid}" in _domains(),
+    destroy_externally=_destroy,
+    bad_settings=[
+        ({"memory_mb": 5}, "memory_mb"),
+        ({"vcpus": "lots"}, "vcpus"),
+        ({"base_image": "/nonexistent/image.qcow2"}, "image"),
+        ({"workspace": "../etc"}, "workspace"),
+        ({"accelerator": "warp"}, "accelerator"),
+    ],
+    start_timeout=300,
+)
+
+
+class TestVMLifecycle(LifecycleSuite):
+    @pytest.fixture
+    def runtime(self) -> Runtime:
+        return VM
+
+    async def test_runs_in_the_sandbox(self, kernel: Any, runtime: Runtime) -> None:
+        km, kc = kernel
+        out = await run_cell(kc, (
+            "import os, platform, socket\n"
+            "print(socket.gethostname(), platform.release(), os.getuid())\n"
+            "print([l for l in open('/proc/cpuinfo') if l.startswith('model name')][0].strip())\n"
+            "try:\n    socket.create_connection(('192.0.2.1', 53), timeout=3); print('net: open')\n"
+            "except OSError as e:\n    print('net: blocked')"
+        ))
+        first, cpu, net = out["stdout"].splitlines()
+        host, release, uid = first.split()
+        assert host.startswith("sandbox-") and uid == "1000"
+        assert release != subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
+        assert "QEMU" in cpu or cpu != _host_cpu(), cpu
+        assert net == "net: blocked"
+        # The forwarded SSH port listens on 127.0.0.1 only; the keys are private.
+        prov = km.provisioner
+        listeners = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{prov.ssh_port} " in listeners
+        assert f"0.0.0.0:{prov.ssh_port} " not in listeners and f"*:{prov.ssh_port} " not in listeners
+        key_dir = Path(prov._keys["client"]).parent
+        assert key_dir.stat().st_mode & 0o777 == 0o700
+        assert all(p.stat().st_mode & 0o077 == 0 for p in key_dir.iterdir() if not p.name.endswith(".pub"))
+
+    async def test_tunnel_drop_recovers(self, kernel: Any) -> None:
+        km, kc = kernel
+        await run_cell(kc, "kept = 7")
+        tunnel = km.provisioner.tunnel
+        tunnel._transport.sock.shutdown(2)  # the SSH TCP connection dies under the tunnel
+        out = await run_cell(kc, "print(kept)", timeout=120)
+        assert out["stdout"] == "7\n"
+
+    async def test_memory_snapshot_rollback(self, kernel: Any) -> None:
+        from sandbox_kernels.snapshots.service import SnapshotService
+
+        km, kc = kernel
+        service = SnapshotService(km.provisioner)
+        await run_cell(kc, "x = 1\nopen('before.txt', 'w').write('b')")
+        snap = await service.create("s1")
+        assert snap.kind == "memory"
+        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('a')")
+        result = await service.rollback("s1")
+        assert result.kernel_restarted is False
+        out = await run_cell(kc, "import os\nprint('x' in globals(), 'y' in globals(), "
+                                 "os.path.exists('before.txt'), os.path.exists('after.txt'))", timeout=120)
+        assert out["stdout"] == "True False True False\n", out
+        assert [s.name for s in await service.list()] == ["s1"]
+        await service.delete("s1")
+
+
+def _host_cpu() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.strip()
+    return ""
+
+
+async def test_host_key_mismatch_refused(jp_asyncio_loop: Any) -> None:
+    from sandbox_kernels.ssh.keys import generate_keypair
+
+    km, kc = await start("sandbox-nixos-vm", timeout=300)
+    try:
+        prov = km.provisioner
+        prov._keys["host_public"] = generate_keypair("impostor").public_line
+        with pytest.raises(Exception) as info:
+            await prov.open_tunnel()
+        assert "host key" in str(info.value).lower()
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+def test_concurrency_limit_queues_the_third(tmp_path: Path) -> None:
+    """Three papermill runs with NIXOS_MAX_CONCURRENT_VMS=2: all finish, one waited."""
+    import os
+    import sys
+
+    env = {**os.environ, "NIXOS_MAX_CONCURRENT_VMS": "2"}
+    nb = Path(__file__).parent / "notebooks" / "smoke.ipynb"
+    procs = [subprocess.Popen([str(Path(sys.executable).parent / "papermill"), "-k", "sandbox-nixos-vm",
+                               str(nb), str(tmp_path / f"out{i}.ipynb"), "--log-output"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+             for i in range(3)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert any("waiting for a VM slot" in o for o in outputs), "nobody queued"
+    for i in range(3):
+        cells = json.loads((tmp_path / f"out{i}.ipynb").read_text())["cells"]
+        assert "sum=" in json.dumps(cells)
+
+
+async def test_boot_failure_shows_console(kernelspec_dir: Any, tmp_path: Path) -> None:
+    """A guest that never starts sshd ends within its timeout with the console tail."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    # init=/bin/sleep: the guest kernel boots, but nothing ever starts sshd.
+    kdir = kernelspec_dir("sandbox-nixos-vm", name="noboot", ssh_ready_timeout=40,
+                          extra_cmdline=["init=/bin/sleep"])
+    ksm = KernelSpecManager(kernel_dirs=[str(kdir)])
+    km = AsyncKernelManager(kernel_name="noboot", kernel_spec_manager=ksm)
+    with pytest.raises(Exception) as info:
+        await km.start_kernel()
+    text = str(info.value)
+    assert "NIXOS_VM_SSH_READY_TIMEOUT" in text and "Console" in text, text
+    assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
