@@ -1,0 +1,222 @@
+# NixOS configuration of the sandbox guest. It keeps the same guest contract as the Debian
+# CI guest (sandbox_kernels/images/guest/sandbox-init):
+#
+#   * the per-VM seed is a tar archive on the virtio disk with serial "sandbox-seed":
+#       ssh_host_ed25519_key  the host key the provisioner pins
+#       authorized_keys       the client key allowed to log in as executor
+#       hostname              the guest's hostname
+#       network               present: outbound network allowed (default route + DNS)
+#       random_seed           mixed into /dev/urandom
+#       workspace             present: mount the disk with serial "sandbox-workspace" at
+#                             /home/executor/work (formatted ext4 on first use)
+#   * sshd: key-only, user executor only, direct-tcpip to the guest's loopback only;
+#   * "SANDBOX-READY" on the serial console once sshd listens, or
+#     "SANDBOX-FAILED: <reason>" and power-off if the seed cannot be applied;
+#   * no passwords anywhere; eth0 is 10.0.2.15/24 on QEMU's user-mode network.
+{ config, lib, pkgs, modulesPath, ... }:
+
+let
+  authorizedKeysDir = "/etc/ssh/sandbox-authorized-keys";
+
+  # Reads the seed and applies it. Runs before sshd (which must not generate its own host key).
+  seedScript = pkgs.writeShellScript "sandbox-seed" ''
+    set -u
+    fail() {
+      echo "SANDBOX-FAILED: $*" > /dev/console
+      systemctl --no-block poweroff
+      exit 1
+    }
+    disk_by_serial() {
+      for block in /sys/block/*; do
+        if [ -r "$block/serial" ] && [ "$(cat "$block/serial")" = "$1" ]; then
+          echo "/dev/$(basename "$block")"
+          return 0
+        fi
+      done
+      return 1
+    }
+
+    seed_dev=""
+    for _ in $(seq 100); do
+      seed_dev=$(disk_by_serial sandbox-seed) && break
+      sleep 0.1
+    done
+    [ -n "$seed_dev" ] || fail "no seed disk (virtio disk with serial sandbox-seed)"
+
+    seed=/run/sandbox-seed
+    rm -rf "$seed"
+    mkdir -m 0700 "$seed" || fail "mkdir $seed"
+    tar -x --no-same-owner --no-same-permissions -f "$seed_dev" -C "$seed" \
+      || fail "cannot read the seed archive on $seed_dev"
+    for required in ssh_host_ed25519_key authorized_keys hostname; do
+      [ -f "$seed/$required" ] || fail "seed has no $required"
+    done
+
+    name=$(head -n 1 "$seed/hostname")
+    case "$name" in
+      ""|-*|*[!A-Za-z0-9.-]*) fail "seed hostname is not a valid host name" ;;
+    esac
+    echo "$name" > /proc/sys/kernel/hostname
+
+    install -D -m 0600 -o root -g root "$seed/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key \
+      || fail "cannot install the host key"
+    rm -f /etc/ssh/ssh_host_ed25519_key.pub
+    install -d -m 0755 -o root -g root ${authorizedKeysDir}
+    install -m 0644 -o root -g root "$seed/authorized_keys" ${authorizedKeysDir}/executor \
+      || fail "cannot install authorized_keys"
+
+    if [ -f "$seed/random_seed" ]; then
+      cat "$seed/random_seed" > /dev/urandom
+    fi
+
+    if [ -e "$seed/network" ]; then
+      ip route replace default via 10.0.2.2 dev eth0 || fail "cannot add the default route"
+      echo "nameserver 10.0.2.3" | resolvconf -a eth0.sandbox || true
+      echo "sandbox-seed: outbound network: allowed" > /dev/console
+    else
+      ip route del default 2>/dev/null || true
+      echo "sandbox-seed: outbound network: off" > /dev/console
+    fi
+
+    if [ -e "$seed/workspace" ]; then
+      work_dev=$(disk_by_serial sandbox-workspace) \
+        || fail "seed asks for a workspace but there is no disk with serial sandbox-workspace"
+      if ! blkid "$work_dev" > /dev/null 2>&1; then
+        mkfs.ext4 -q -L workspace "$work_dev" || fail "cannot format the workspace disk"
+      fi
+      install -d -o executor -g users /home/executor/work
+      mount -o nosuid,nodev "$work_dev" /home/executor/work || fail "cannot mount the workspace"
+      chown executor:users /home/executor/work
+    fi
+    rm -rf "$seed"
+  '';
+
+  readyScript = pkgs.writeShellScript "sandbox-ready" ''
+    for _ in $(seq 200); do
+      if ss -Hltn 'sport = :22' | grep -q .; then
+        echo "SANDBOX-READY" > /dev/console
+        exit 0
+      fi
+      sleep 0.05
+    done
+    echo "SANDBOX-FAILED: sshd did not listen on port 22" > /dev/console
+    exit 1
+  '';
+in
+{
+  imports = [
+    "${modulesPath}/profiles/qemu-guest.nix"
+    "${modulesPath}/profiles/minimal.nix"
+  ];
+
+  system.stateVersion = "24.05";
+
+  # -- boot: direct kernel boot from the host, bare ext4 root on /dev/vda -------------------
+  boot.loader.grub.enable = false;
+  boot.initrd.availableKernelModules = [ "virtio_pci" "virtio_blk" "virtio_net" "virtio_rng" "ext4" ];
+  boot.initrd.kernelModules = [ "virtio_pci" "virtio_blk" ];
+  boot.kernelParams = [ "console=ttyS0" ];
+  boot.growPartition = false;
+  fileSystems."/" = {
+    device = "/dev/disk/by-label/nixos";
+    fsType = "ext4";
+    autoResize = false;
+  };
+  boot.tmp.useTmpfs = true;
+
+  # -- users: executor (uid 1000) only, no password anywhere ---------------------------------
+  users.mutableUsers = false;
+  users.users.root.hashedPassword = "!";
+  users.users.executor = {
+    isNormalUser = true;
+    uid = 1000;
+    home = "/home/executor";
+    hashedPassword = "!";
+    extraGroups = [ ];
+  };
+  security.sudo.enable = false;
+
+  # -- the kernel's Python ------------------------------------------------------------------
+  environment.systemPackages = [
+    (pkgs.python3.withPackages (ps: [ ps.ipykernel ]))
+    pkgs.iproute2
+  ];
+
+  # -- network: QEMU user-mode networking; outbound only if the seed says so -----------------
+  networking.hostName = ""; # set from the seed at boot
+  networking.useDHCP = false;
+  networking.usePredictableInterfaceNames = false; # eth0, as in the Debian guest
+  networking.interfaces.eth0.ipv4.addresses = [{ address = "10.0.2.15"; prefixLength = 24; }];
+  networking.enableIPv6 = false;
+  networking.firewall.enable = true;
+  networking.firewall.allowedTCPPorts = [ 22 ];
+  services.timesyncd.enable = false;
+
+  # -- sshd ---------------------------------------------------------------------------------
+  services.openssh = {
+    enable = true;
+    startWhenNeeded = false;
+    openFirewall = true;
+    hostKeys = [ ]; # the host key comes from the seed; sshd must not generate one
+    authorizedKeysFiles = lib.mkForce [ "${authorizedKeysDir}/%u" ];
+    settings = {
+      PasswordAuthentication = false;
+      KbdInteractiveAuthentication = false;
+      PermitRootLogin = "no";
+      AllowUsers = [ "executor" ];
+      X11Forwarding = false;
+      UseDns = false;
+    };
+    extraConfig = ''
+      HostKey /etc/ssh/ssh_host_ed25519_key
+      AuthenticationMethods publickey
+      HostbasedAuthentication no
+      PermitEmptyPasswords no
+      AllowTcpForwarding local
+      PermitOpen 127.0.0.1:* localhost:*
+      AllowStreamLocalForwarding no
+      GatewayPorts no
+      PermitTunnel no
+      AllowAgentForwarding no
+      PermitUserEnvironment no
+      PermitUserRC no
+      ClientAliveInterval 15
+      ClientAliveCountMax 4
+    '';
+  };
+
+  systemd.services.sandbox-seed = {
+    description = "Apply the sandbox-kernels seed disk (host key, client key, hostname, network)";
+    wantedBy = [ "multi-user.target" ];
+    requiredBy = [ "sshd.service" ];
+    before = [ "sshd.service" ];
+    after = [ "network-setup.service" "network-addresses-eth0.service" "local-fs.target" ];
+    wants = [ "network-addresses-eth0.service" ];
+    path = with pkgs; [ coreutils gnutar iproute2 util-linux e2fsprogs openresolv systemd ];
+    unitConfig.DefaultDependencies = false;
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      ExecStart = seedScript;
+    };
+  };
+
+  systemd.services.sandbox-ready = {
+    description = "Tell the host (serial console) that sshd is ready";
+    wantedBy = [ "multi-user.target" ];
+    after = [ "sshd.service" "sandbox-seed.service" ];
+    requires = [ "sshd.service" "sandbox-seed.service" ];
+    path = with pkgs; [ coreutils iproute2 gnugrep ];
+    serviceConfig = {
+      Type = "oneshot";
+      ExecStart = readyScript;
+    };
+  };
+
+  # -- keep the guest small and quick to boot -------------------------------------------------
+  documentation.enable = false;
+  services.udisks2.enable = false;
+  xdg.autostart.enable = false;
+  systemd.services."serial-getty@ttyS0".enable = false;
+  systemd.services."getty@tty1".enable = false;
+}
