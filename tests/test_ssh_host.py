@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from helpers.netns import network_namespace
 from helpers.sshd import running_sshd
 from lifecycle import LifecycleSuite, Runtime, run_cell, start
 from sandbox_kernels.ssh.keys import generate_keypair, write_private_key
@@ -47,9 +48,14 @@ def ssh_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     for path in (ssh_dir, authorized):
         os.chown(path, user.pw_uid, user.pw_gid)
     extra = [f"AuthorizedKeysFile {authorized}"]
-    with running_sshd(base / "server", user=USER, client_key=client, extra_config=extra) as server:
+    # The "remote host" lives in its own network namespace, reached over a veth link.
+    with network_namespace("ssh") as ns, running_sshd(base / "server", user=USER, client_key=client,
+                                                      extra_config=extra, host=ns.guest_ip,
+                                                      netns=ns.name) as server:
         known_hosts = base / "known_hosts"
         known_hosts.write_text(f"[{server.host}]:{server.port} {server.host_public_line}\n")
+        assert subprocess.run(["ip", "netns", "exec", ns.name, "ip", "-4", "addr"], capture_output=True,
+                              text=True).stdout.count("inet ") == 2  # lo and the veth end only
         env = {
             "SANDBOX_SSH_HOST": server.host, "SANDBOX_SSH_PORT": str(server.port),
             "SANDBOX_SSH_USER": USER, "SANDBOX_SSH_KEY_FILE": str(key_file),

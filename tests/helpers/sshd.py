@@ -23,7 +23,7 @@ from sandbox_kernels.ssh.keys import KeyPair, generate_keypair, write_private_ke
 SSHD = "/usr/sbin/sshd"
 _CONFIG = """\
 Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {host}
 HostKey {host_key}
 PidFile none
 AuthorizedKeysFile {authorized_keys}
@@ -49,7 +49,8 @@ class SSHServer:
     """A running test sshd.
 
     Attributes:
-        host: always ``127.0.0.1``.
+        host: the listen address (127.0.0.1, or the namespace end of a veth link).
+        netns: the network namespace sshd runs in (None: this one).
         port: its port.
         user: the user that may log in.
         host_key: the key pair sshd serves (pin ``host_key.public_line``).
@@ -64,6 +65,7 @@ class SSHServer:
     client_key: KeyPair
     directory: Path
     extra_config: Sequence[str] = ()
+    netns: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -87,7 +89,8 @@ class SSHServer:
         config = self._write_config()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
+                [*(["ip", "netns", "exec", self.netns] if self.netns else []),
+                 SSHD, "-D", "-e", "-f", str(config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         try:
@@ -119,7 +122,8 @@ class SSHServer:
         host_key = write_private_key(self.directory / "ssh_host_ed25519_key", self.host_key)
         authorized = write_public_key(self.directory / "authorized_keys", self.client_key)
         text = _CONFIG.format(
-            port=self.port, host_key=host_key, authorized_keys=authorized, user=self.user
+            port=self.port, host_key=host_key, authorized_keys=authorized, user=self.user,
+            host=self.host,
         )
         config = self.directory / "sshd_config"
         config.write_text("".join(f"{line}\n" for line in self.extra_config) + text)
@@ -148,6 +152,8 @@ def running_sshd(
     host_key: KeyPair | None = None,
     client_key: KeyPair | None = None,
     extra_config: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    netns: str | None = None,
 ) -> Iterator[SSHServer]:
     """Run a test sshd for the duration of the ``with`` block; stop it even on failure.
 
@@ -163,7 +169,8 @@ def running_sshd(
     server = None
     for _ in range(5):
         server = SSHServer(
-            host="127.0.0.1",
+            host=host,
+            netns=netns,
             port=_free_port(),
             user=user or getpass.getuser(),
             host_key=host_key or generate_keypair("test-host"),
