@@ -22,7 +22,7 @@ def jp_server_config() -> dict[str, Any]:
 
 
 async def _start(jp_fetch: Any, jp_serverapp: Any, name: str) -> tuple[str, Any]:
-    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": name}))
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": name}), request_timeout=400)
     kid = json.loads(r.body)["id"]
     kc = jp_serverapp.kernel_manager.get_kernel(kid).client()
     kc.start_channels()
@@ -31,7 +31,7 @@ async def _start(jp_fetch: Any, jp_serverapp: Any, name: str) -> tuple[str, Any]
 
 
 async def _api(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None) -> Any:
-    kw: dict[str, Any] = {"method": method}
+    kw: dict[str, Any] = {"method": method, "request_timeout": 300}
     if body is not None:
         kw["body"] = body if isinstance(body, str) else json.dumps(body)
     elif method == "POST":
@@ -164,3 +164,24 @@ def test_cli_snapshot_on_a_papermill_style_kernel(jp_asyncio_loop: Any) -> None:
     finally:
         kc.stop_channels()
         jp_asyncio_loop.run_until_complete(km.shutdown_kernel(now=True))
+
+
+@pytest.mark.vm
+async def test_vm_memory_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
+    """x = 1, snapshot, y = 2 and a file, roll back: x is back, y and the file are gone."""
+    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-nixos-vm")
+    try:
+        await run_cell(kc, "x = 1")
+        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "before"})
+        assert snap["kind"] == "memory"
+        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')")
+        result = await _api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
+        assert result["kernel_restarted"] is False
+        out = await run_cell(kc, "import os\nprint('x' in globals(), 'y' in globals(), os.path.exists('after.txt'))",
+                             timeout=120)
+        assert out["stdout"] == "True False False\n", out
+        model = json.loads((await jp_fetch("api", "kernels", kid)).body)
+        assert model["id"] == kid and model["execution_state"] != "dead"
+    finally:
+        kc.stop_channels()
+        await jp_fetch("api", "kernels", kid, method="DELETE", request_timeout=120)

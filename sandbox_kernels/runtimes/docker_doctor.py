@@ -27,5 +27,17 @@ def check(report: RuntimeReport) -> None:
             report.ok = False
             report.details.append(f"image {DEFAULT_IMAGE} missing")
             report.fixes.append("sandbox-kernels image build docker")
+        report.details.append(f"container memory snapshots: {criu_status(engine)}")
     finally:
         engine.close()
+
+
+def criu_status(engine: DockerEngine) -> str:
+    """Whether ``docker checkpoint`` (CRIU) could work here: detected, never assumed."""
+    import shutil
+
+    if not shutil.which("criu"):
+        return "unavailable (criu is not installed); snapshots keep files only"
+    if not engine.client.info().get("ExperimentalBuild"):
+        return "unavailable (the engine is not in experimental mode, needed for checkpoints)"
+    return "CRIU found and the engine is experimental (not used by this version)"
