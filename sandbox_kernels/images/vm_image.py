@@ -118,7 +118,7 @@ def build_vm_image(force: bool = False) -> str:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o700)
     try:
-        base = ensure_base_rootfs(progress)
+        base = ensure_base_rootfs()  # reports its own steps if it has to build
         root = work / "root"
         progress.step("copy the base root filesystem")
         run_step(["cp", "-a", "--reflink=auto", str(base), str(root)], step="copy rootfs",
