@@ -19,13 +19,22 @@ from typing import Iterator
 import pytest
 
 from sandbox_kernels import cli
-from sandbox_kernels.errors import SandboxConfigError, SandboxStartError, SandboxTimeout
+from sandbox_kernels.errors import (
+    SandboxConfigError,
+    SandboxError,
+    SandboxNotFound,
+    SandboxStartError,
+    SandboxTimeout,
+    SandboxUnavailable,
+)
 from sandbox_kernels.images.vm_check import throwaway_vm
 from sandbox_kernels.images.vm_image import boot_files, build_vm_image, default_image
 from sandbox_kernels.ssh.keys import generate_keypair
+from sandbox_kernels.vm.access import blocking_dirs, ensure_emulator_access
 from sandbox_kernels.vm.accel import choose_domain_type, probe_kvm
 from sandbox_kernels.vm.domain_xml import QEMU_NS, DomainSpec, SnapshotSpec
 from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+from sandbox_kernels.vm.overlay import create_overlay, image_info
 from sandbox_kernels.vm.seed import read_seed, write_seed_disk
 
 pytestmark = pytest.mark.vm
@@ -78,24 +87,34 @@ def test_image_check_cli_passes(image: str, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_memory_snapshot_and_revert_keep_ssh_over_slirp(image: str) -> None:
-    with throwaway_vm(image) as vm:
+    with throwaway_vm(image, persistent=True) as vm:
         with vm.connect() as client:
             _, out, _ = client.exec_command("echo before > /tmp/marker && echo A > ~/disk && sync")
             assert out.channel.recv_exit_status() == 0
+        start = time.monotonic()
         vm.host.snapshot_create(vm.name, "snap1", memory=True, description="<test> & 'quotes'")
-        assert vm.host.snapshot_list(vm.name) == ["snap1"]
+        took_create = time.monotonic() - start
         with vm.connect() as client:
             _, out, _ = client.exec_command("echo after > /tmp/marker && echo B > ~/disk && sync")
             assert out.channel.recv_exit_status() == 0
+        start = time.monotonic()
         vm.host.snapshot_revert(vm.name, "snap1")
+        took_revert = time.monotonic() - start
         assert vm.host.state(vm.name) == "running"
         with vm.connect() as client:  # the old connection died with the reverted guest state
             _, out, _ = client.exec_command("cat /tmp/marker ~/disk")
             assert out.read().decode().split() == ["before", "A"]
+        print(f"\nmemory snapshot {took_create:.1f} s, revert {took_revert:.1f} s")
         with pytest.raises(SandboxConfigError):
             vm.host.snapshot_create(vm.name, "../evil", memory=True)
-        vm.host.snapshot_delete(vm.name, "snap1")
-        assert vm.host.snapshot_list(vm.name) == []
+        with pytest.raises(SandboxNotFound):
+            vm.host.snapshot_revert(vm.name, "no-such-snapshot")
+        vm.host.snapshot_create(vm.name, "snap2", memory=True)
+        vm.host.snapshot_delete(vm.name, "snap2")
+        assert vm.host.snapshot_list(vm.name) == ["snap1"]
+        # A persistent domain with snapshot metadata is destroyed and undefined in one call.
+        assert vm.host.destroy(vm.name)
+        assert vm.host.state(vm.name) == "missing"
 
 
 def test_seed_disk_round_trip(tmp_path: Path) -> None:
@@ -200,3 +219,51 @@ def test_failed_boot_is_reported_and_cleaned_up(image: str) -> None:
         with throwaway_vm(image, kernel=str(kernel), boot_timeout=120):
             pass  # pragma: no cover - never reached
     assert "Console:" in str(info.value)
+
+
+def test_overlay_checks_the_base_and_the_disk_space(image: str, tmp_path: Path) -> None:
+    overlay = create_overlay(default_image(), tmp_path / "k1")
+    info = image_info(overlay)
+    assert info["format"] == "qcow2"
+    assert info["backing-filename"] == str(Path(image).resolve())  # never the symlink
+    assert stat.S_IMODE((tmp_path / "k1").stat().st_mode) == 0o700
+    with pytest.raises(SandboxNotFound, match="image build vm"):
+        create_overlay(tmp_path / "missing.qcow2", tmp_path / "k2")
+    raw = tmp_path / "raw.qcow2"
+    raw.write_bytes(b"\0" * 65536)
+    with pytest.raises(SandboxConfigError, match="not qcow2"):
+        create_overlay(raw, tmp_path / "k3")
+    corrupt = tmp_path / "corrupt.qcow2"
+    corrupt.write_bytes(b"QFI\xfb" + b"\xff" * 508)
+    with pytest.raises(SandboxError, match="unreadable or corrupt"):
+        create_overlay(corrupt, tmp_path / "k4")
+    with pytest.raises(SandboxUnavailable, match="NIXOS_EPHEMERAL_VM_IMAGES_DIR"):
+        create_overlay(image, tmp_path / "k5", min_free=2**60)
+
+
+def test_emulator_gets_search_access_only(tmp_path: Path) -> None:
+    with LibvirtHost() as host:
+        uid, gids = host.emulator_identity()
+    if uid == 0:
+        pytest.skip("QEMU runs as root here: nothing to grant")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    target = private / "disk.qcow2"
+    target.write_bytes(b"")
+    assert private in blocking_dirs(target, uid, gids)
+    ensure_emulator_access([target], uid, gids)
+    assert blocking_dirs(target, uid, gids) == []
+    mode = stat.S_IMODE(private.stat().st_mode)
+    assert mode & 0o007 == 0, "others must not gain anything"
+    listing = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gids[0]}", "--clear-groups",
+                              "ls", str(private)], capture_output=True, text=True)
+    assert listing.returncode != 0, "search access must not allow listing"
+    reach = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gids[0]}", "--clear-groups",
+                            "stat", str(target)], capture_output=True, text=True)
+    assert reach.returncode == 0, reach.stderr
+
+
+def test_libvirt_down_is_an_actionable_error() -> None:
+    host = LibvirtHost("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
+    with pytest.raises(SandboxUnavailable, match="libvirtd -d"):
+        host.connect()

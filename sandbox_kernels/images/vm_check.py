@@ -105,8 +105,10 @@ class TrialVM:
 def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
                  initrd: str | None = None, *, uri: str = DEFAULT_URI, accel: str = "auto",
                  memory_mib: int = 1024, boot_timeout: float = 180.0,
-                 allow_network: bool = False) -> Iterator[TrialVM]:
-    """Boot ``path`` in a transient domain with a fresh seed; destroy it and its files after.
+                 allow_network: bool = False, persistent: bool = False) -> Iterator[TrialVM]:
+    """Boot ``path`` in a domain with a fresh seed; destroy (and undefine) it and its files after.
+
+    The domain is transient unless ``persistent`` (defined first, as a runtime may do).
 
     The domain and its directory (overlay, seed, console log) are removed when the block
     ends, however it ends (exception, Ctrl-C).
@@ -141,7 +143,7 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
             kernel=str(kernel_path), initrd=str(initrd_path) if initrd_path else None,
             root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=free_port(),
             allow_network=allow_network, extra_cmdline=boot_cmdline(image),
-            labels={"sandbox-kernels.purpose": "image-check"},
+            labels={"sandbox-kernels.purpose": "image-check"}, persistent=persistent,
         )
         started = time.monotonic()
         name = spec.name  # set first: a Ctrl-C during start must still destroy it
