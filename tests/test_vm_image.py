@@ -8,6 +8,7 @@ snapshots over slirp networking, and that failed boots leave nothing behind.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import subprocess
 import tarfile
@@ -115,6 +116,28 @@ def test_memory_snapshot_and_revert_keep_ssh_over_slirp(image: str) -> None:
         # A persistent domain with snapshot metadata is destroyed and undefined in one call.
         assert vm.host.destroy(vm.name)
         assert vm.host.state(vm.name) == "missing"
+
+
+_PROBE_HOST = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.settimeout(5)\n"
+    "try:\n"
+    "    s.connect(('10.0.2.2', int(sys.argv[1]))); print('connected')\n"
+    "except OSError as e:\n"
+    "    print(type(e).__name__, e.errno)\n"
+)
+
+
+def test_network_flag_allows_outbound_but_not_the_host_loopback(image: str) -> None:
+    with throwaway_vm(image, allow_network=True) as vm, vm.connect() as client:
+        _, out, _ = client.exec_command("ip route; cat /etc/resolv.conf")
+        routes = out.read().decode()
+        assert "default via 10.0.2.2" in routes and "nameserver 10.0.2.3" in routes
+        # restrict=off: 10.0.2.2 is the host's 127.0.0.1, where this VM's own SSH forward
+        # listens. The kernel's user must not reach it (or any other host loopback service).
+        _, out, _ = client.exec_command(f"python3 -c {shlex.quote(_PROBE_HOST)} {vm.port}")
+        result = out.read().decode().strip()
+        assert result.startswith("PermissionError 13"), result
 
 
 def test_seed_disk_round_trip(tmp_path: Path) -> None:

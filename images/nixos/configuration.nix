@@ -72,6 +72,12 @@ let
     if [ -e "$seed/network" ]; then
       ip route replace default via 10.0.2.2 dev eth0 || fail "cannot add the default route"
       echo "nameserver 10.0.2.3" | resolvconf -a eth0.sandbox || true
+      # With restrict=off, QEMU's slirp maps 10.0.2.2 to the HOST's loopback: keep
+      # unprivileged users (the kernel) away from it and from 10.0.2.3 except DNS.
+      ip rule add pref 100 uidrange 1000-4294967294 to 10.0.2.3/32 ipproto udp dport 53 lookup main
+      ip rule add pref 101 uidrange 1000-4294967294 to 10.0.2.3/32 ipproto tcp dport 53 lookup main
+      ip rule add pref 102 uidrange 1000-4294967294 to 10.0.2.2/31 prohibit \
+        || fail "cannot keep the kernel away from the host's loopback"
       echo "sandbox-seed: outbound network: allowed" > /dev/console
     else
       ip route del default 2>/dev/null || true
