@@ -140,6 +140,25 @@ def test_network_flag_allows_outbound_but_not_the_host_loopback(image: str) -> N
         assert result.startswith("PermissionError 13"), result
 
 
+def test_workspace_disk_is_formatted_mounted_and_snapshotted(image: str) -> None:
+    with throwaway_vm(image, workspace_size=256 * 2**20) as vm:
+        with vm.connect() as client:
+            _, out, _ = client.exec_command(
+                "stat -c '%U %a' ~/work && grep ' /home/executor/work ' /proc/mounts"
+                " && echo one > ~/work/file && sync")
+            text = out.read().decode()
+            assert out.channel.recv_exit_status() == 0, text
+            assert text.startswith("executor ") and "ext4" in text and "nosuid" in text
+        vm.host.snapshot_create(vm.name, "ws", memory=True)
+        with vm.connect() as client:
+            _, out, _ = client.exec_command("echo two > ~/work/file && sync")
+            assert out.channel.recv_exit_status() == 0
+        vm.host.snapshot_revert(vm.name, "ws")  # memory and both disks go back together
+        with vm.connect() as client:
+            _, out, _ = client.exec_command("cat ~/work/file")
+            assert out.read().decode().strip() == "one"
+
+
 def test_seed_disk_round_trip(tmp_path: Path) -> None:
     host, client = generate_keypair("h"), generate_keypair("c")
     path = write_seed_disk(tmp_path / "seed.img", host.private_openssh, client.public_line,

@@ -32,7 +32,7 @@ from ..vm.accel import AccelChoice, choose_domain_type
 from ..vm.boot import free_port, wait_ready
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import DEFAULT_URI, LibvirtHost
-from ..vm.overlay import check_base_image, create_overlay
+from ..vm.overlay import check_base_image, create_overlay, create_workspace
 from ..vm.seed import write_seed_disk
 from .vm_image import boot_cmdline, boot_files
 
@@ -105,10 +105,12 @@ class TrialVM:
 def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
                  initrd: str | None = None, *, uri: str = DEFAULT_URI, accel: str = "auto",
                  memory_mib: int = 1024, boot_timeout: float = 180.0,
-                 allow_network: bool = False, persistent: bool = False) -> Iterator[TrialVM]:
+                 allow_network: bool = False, persistent: bool = False,
+                 workspace_size: int = 0) -> Iterator[TrialVM]:
     """Boot ``path`` in a domain with a fresh seed; destroy (and undefine) it and its files after.
 
-    The domain is transient unless ``persistent`` (defined first, as a runtime may do).
+    The domain is transient unless ``persistent`` (defined first, as a runtime may do). A
+    ``workspace_size`` (bytes) attaches an empty workspace disk the guest formats and mounts.
 
     The domain and its directory (overlay, seed, console log) are removed when the block
     ends, however it ends (exception, Ctrl-C).
@@ -131,18 +133,21 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
         host_key = generate_keypair(f"sandbox-kernels-host@{kernel_id}")
         client_key = generate_keypair(f"sandbox-kernels-client@{kernel_id}")
         overlay = create_overlay(base, workdir)
+        workspace = create_workspace(workdir, workspace_size) if workspace_size else None
         seed = write_seed_disk(workdir / "seed.img", host_key.private_openssh,
                                client_key.public_line, hostname, allow_network=allow_network,
-                               random_seed=os.urandom(32), workspace=False)
+                               random_seed=os.urandom(32), workspace=workspace is not None)
         serial_log = workdir / "console.log"
-        files = [overlay, seed, kernel_path, base] + ([initrd_path] if initrd_path else [])
+        files = [overlay, seed, kernel_path, base] + ([initrd_path] if initrd_path else []) + (
+            [workspace] if workspace else [])
         uid, gids = host.emulator_identity()
         ensure_emulator_access(files, uid, gids)
         spec = DomainSpec(
             kernel_id=kernel_id, domain_type=choice.domain_type, memory_mib=memory_mib, vcpus=1,
             kernel=str(kernel_path), initrd=str(initrd_path) if initrd_path else None,
             root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=free_port(),
-            allow_network=allow_network, extra_cmdline=boot_cmdline(image),
+            allow_network=allow_network, workspace=str(workspace) if workspace else None,
+            extra_cmdline=boot_cmdline(image),
             labels={"sandbox-kernels.purpose": "image-check"}, persistent=persistent,
         )
         started = time.monotonic()
