@@ -22,6 +22,7 @@ from traitlets import Bool, Float, Int, List, Unicode, default, validate
 
 from ..aio import to_thread
 from ..cache import cache_dir
+from ..images.vm_image import boot_cmdline
 from ..errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout, SandboxUnavailable
 from ..settings import check_name, env_default
 from ..snapshots.model import Capabilities, Snapshot
@@ -228,7 +229,7 @@ class LibvirtProvisioner(TunnelledProvisioner):
             vcpus=self.vcpus, kernel=self._kernel_path, initrd=self._initrd_path, root=str(root),
             seed=str(seed), serial_log=str(console), ssh_port=self.ssh_port,
             allow_network=self.allow_network, workspace=workspace, labels=self.labels,
-            extra_cmdline=tuple(self.extra_cmdline),
+            extra_cmdline=boot_cmdline(self.base_image) + tuple(self.extra_cmdline),
         )
         await to_thread(host.start, spec)
         await self._wait_for_ssh(console)
@@ -367,6 +368,7 @@ class LibvirtProvisioner(TunnelledProvisioner):
         tunnel = await self._tunnel_ready()
         await to_thread(tunnel.reconnect, self.ssh_ready_timeout)
         self.pid = meta.get("pid")
+        await self._rewatch()
         ports = meta.get("ports") or {}
         if ports and ports != self._remote_ports:
             await to_thread(self._forward, tunnel, ports)

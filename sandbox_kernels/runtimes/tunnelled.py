@@ -19,9 +19,21 @@ from typing import Any
 from ..aio import to_thread
 from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
 from ..provisioning.base import SandboxProvisioner
+from ..ssh.remote import ProcessWatch
 from ..ssh.tunnel import SSHTunnel
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+#: Wait (in the remote shell) until the kernel has written its real ports; exit 3 if it died.
+_WAIT_PORTS = r"""
+file=$1 pid=$2
+while kill -0 "$pid" 2>/dev/null; do
+    if grep -q '"hb_port"' "$file" 2>/dev/null && ! grep -q '_port": 0' "$file"; then
+        cat "$file"; exit 0
+    fi
+    sleep 0.1
+done
+exit 3
+"""
 
 
 class TunnelledProvisioner(SandboxProvisioner):
@@ -32,6 +44,7 @@ class TunnelledProvisioner(SandboxProvisioner):
         self.tunnel: SSHTunnel | None = None
         self.pid: int | None = None
         self._remote_ports: dict[str, int] = {}
+        self._watch: ProcessWatch | None = None
 
     # -- hooks for VM / SSH host ----------------------------------------------------------------
 
@@ -87,25 +100,38 @@ class TunnelledProvisioner(SandboxProvisioner):
         await self._remote(tunnel.write_file, self.sandbox_connection_file(), json.dumps(info).encode(), 0o600)
         self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
         self._remote_ports = {}
+        await self._rewatch()
+
+    async def _rewatch(self) -> None:
+        """(Re)open the session that reports when the kernel process ends."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self.tunnel is not None and self.pid is not None:
+            self._watch = await to_thread(self.tunnel.watch_process, self.pid, self._log_path, 15)
 
     async def wait_ready(self) -> None:
-        """Wait for the kernel to write its ports, then point the local forwards at them."""
+        """Wait for the kernel to write its ports, then point the local forwards at them.
+
+        One remote shell waits for the connection file (no SSH round trip per check: under
+        TCG each new session costs the guest real time).
+        """
         tunnel = await self._tunnel_ready()
-        path = self.sandbox_connection_file()
         deadline = time.monotonic() + self.launch_timeout
         while time.monotonic() < deadline:
-            result = await self._remote(tunnel.run, ["cat", path], None, 30)
-            ports = _ports(result.stdout)
-            if ports:
-                await to_thread(self._forward, tunnel, ports)
-                return
-            status = await self._remote(tunnel.process_status, self.pid, self._log_path)
-            if status.state != "running":
+            left = max(1.0, deadline - time.monotonic())
+            result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_PORTS, "sandbox-kernels-wait",
+                                                     self.sandbox_connection_file(), str(self.pid)], None, left)
+            if result.exit_code == 3:
+                status = await self._remote(tunnel.process_status, self.pid, self._log_path)
                 raise SandboxStartError(
                     f"the kernel exited during start-up (exit code {status.exit_code}). "
                     f"Kernel log:\n{await self._log_tail()}"
                 )
-            await asyncio.sleep(0.2)
+            ports = _ports(result.stdout)
+            if ports:
+                await to_thread(self._forward, tunnel, ports)
+                return
         raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
 
     def _forward(self, tunnel: SSHTunnel, ports: dict[str, int]) -> None:
@@ -129,20 +155,27 @@ class TunnelledProvisioner(SandboxProvisioner):
         return result.stdout.decode(errors="replace")
 
     async def kernel_exit_code(self) -> int | None:
-        """Ask the remote about the kernel process; a passing SSH outage is not a death."""
+        """How the kernel process ended, from its watch session; free to call often.
+
+        A dropped SSH connection is not a death: the watch is reopened once the tunnel is back
+        (it reconnects by itself); only a tunnel that gave up, or a stopped machine, is.
+        """
         if self.tunnel is None or self.pid is None:
             return -1
         if not await self.sandbox_alive():
             return -1
-        try:
-            status = await to_thread(self.tunnel.process_status, self.pid, self._log_path, 15)
-        except (SandboxConnectionError, SandboxTimeout) as e:
+        if self._watch is None or self._watch.broken:
             if self.tunnel.gave_up:
-                self.log.error("Kernel %s: SSH connection lost for good: %s", self.kernel_id, e)
+                self.log.error("Kernel %s: SSH connection lost for good: %s", self.kernel_id,
+                               self.tunnel.last_error)
                 return -1
-            self.log.warning("Kernel %s: SSH connection interrupted (%s); reconnecting", self.kernel_id, e)
-            return None
-        if status.state == "running":
+            try:
+                await self._rewatch()
+            except (SandboxConnectionError, SandboxTimeout) as e:
+                self.log.warning("Kernel %s: SSH connection interrupted (%s); reconnecting", self.kernel_id, e)
+                return None
+        status = self._watch.status() if self._watch is not None else None
+        if status is None:
             return None
         return status.exit_code if status.exit_code is not None else -1
 
@@ -158,6 +191,9 @@ class TunnelledProvisioner(SandboxProvisioner):
 
     async def close_tunnel(self) -> None:
         """Close the SSH connection and every forward (listeners included)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self.tunnel is not None:
             await to_thread(self.tunnel.close)
             self.tunnel = None

@@ -476,3 +476,78 @@ def _tail(data: bytes, limit: int = 500) -> str:
     """The last ``limit`` characters of remote stderr, decoded, for error messages."""
     text = data.decode(errors="replace").strip()
     return text if len(text) <= limit else f"...{text[-limit:]}"
+
+
+_WATCH_SCRIPT = r"""
+pid=$1 exitfile=$2
+while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+for _ in 1 2 3 4; do
+    if [ -s "$exitfile" ]; then echo "exited $(cat "$exitfile")"; exit 0; fi
+    sleep 0.25
+done
+echo gone
+"""
+
+
+class ProcessWatch:
+    """A session that runs while a detached process runs and then reports how it ended.
+
+    Polling it costs nothing on either side: the remote shell waits, and :meth:`status`
+    only looks at the channel locally. A dropped connection closes the channel without an
+    exit status; :attr:`broken` then tells the caller to open a new watch.
+    """
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+        self._status: ProcessStatus | None = None
+        self._no_report = False
+
+    @property
+    def broken(self) -> bool:
+        """The channel closed without the watcher's report (connection lost)."""
+        if self._status is not None:
+            return False
+        if self._channel.exit_status_ready():
+            return self.status() is None and self._no_report
+        transport = self._channel.get_transport()
+        return self._channel.closed or transport is None or not transport.is_active()
+
+    def status(self) -> ProcessStatus | None:
+        """None while the process runs (or the watch is broken), else how it ended."""
+        if self._status is None and self._channel.exit_status_ready():
+            out = b""
+            while self._channel.recv_ready():
+                out += self._channel.recv(4096)
+            words = out.decode(errors="replace").split()
+            if len(words) == 2 and words[0] == "exited" and words[1].isdigit():
+                self._status = ProcessStatus("exited", int(words[1]))
+            elif words[:1] == ["gone"]:
+                self._status = ProcessStatus("gone")
+            else:
+                self._no_report = True  # the session ended without a report: broken
+                return None
+            self._channel.close()
+        return self._status
+
+    def close(self) -> None:
+        """Stop watching."""
+        self._channel.close()
+
+
+def watch_process(transport: paramiko.Transport, pid: int, log_path: str, timeout: float = 30.0) -> ProcessWatch:
+    """Watch a process from :func:`start_detached` until it ends.
+
+    Raises:
+        SandboxConfigError: a bad pid or path.
+        SandboxConnectionError: the session could not be opened.
+    """
+    _check_pid(pid)
+    _check_path(log_path, "log_path")
+    channel = _open_session(transport, timeout)
+    argv = ["sh", "-c", _WATCH_SCRIPT, "sandbox-kernels-watch", str(pid), f"{log_path}.exit"]
+    try:
+        channel.exec_command(quote_argv(argv))
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        channel.close()
+        raise SandboxConnectionError(f"cannot start the process watch on the sandbox: {e}") from e
+    return ProcessWatch(channel)
