@@ -175,8 +175,8 @@ class LibvirtProvisioner(TunnelledProvisioner):
         kwargs = await super().pre_launch(**kwargs)
         if self._slot is None:
             root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
-            self._slot = await to_thread(acquire_slot, root, self.max_concurrent_vms, self.queue_timeout,
-                                         self.log, f"kernel {self.kernel_id}")
+            self._slot = await acquire_slot(root, self.max_concurrent_vms, self.queue_timeout,
+                                            self.log, f"kernel {self.kernel_id}")
         return kwargs
 
     # -- the VM ---------------------------------------------------------------------------------

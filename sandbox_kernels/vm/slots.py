@@ -7,6 +7,7 @@ process, so a crashed server never leaks a slot.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -30,28 +31,36 @@ class VMSlot:
             self._fd = None
 
 
-def acquire_slot(directory: Path, limit: int, timeout: float, log: logging.Logger,
-                 who: str) -> VMSlot:
-    """Take one of ``limit`` slots in ``directory``, waiting up to ``timeout`` seconds.
+def try_acquire_slot(directory: Path, limit: int) -> VMSlot | None:
+    """Take one of ``limit`` slots in ``directory`` if one is free, without waiting."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for n in range(limit):
+        path = directory / f"slot-{n}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return VMSlot(fd, path)
+    return None
+
+
+async def acquire_slot(directory: Path, limit: int, timeout: float, log: logging.Logger,
+                       who: str) -> VMSlot:
+    """Take one of ``limit`` slots, waiting in line (asynchronously) up to ``timeout`` seconds.
 
     Raises:
         SandboxTimeout: no slot became free in time.
     """
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     announced = False
     while True:
-        for n in range(limit):
-            path = directory / f"slot-{n}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
+        slot = try_acquire_slot(directory, limit)
+        if slot is not None:
             if announced:
                 log.info("%s: a VM slot is free, starting", who)
-            return VMSlot(fd, path)
+            return slot
         if not announced:
             log.info("%s: waiting for a VM slot: all %d in use (NIXOS_MAX_CONCURRENT_VMS=%d)",
                      who, limit, limit)
@@ -61,4 +70,4 @@ def acquire_slot(directory: Path, limit: int, timeout: float, log: logging.Logge
                 f"no VM slot became free within {timeout:g} s (NIXOS_MAX_CONCURRENT_VMS={limit}); "
                 f"shut down another VM kernel or raise the limit."
             )
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
