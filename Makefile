@@ -13,6 +13,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The load tests alone, at full size (make test runs them smaller).
+soak: setup
+	SANDBOX_KERNELS_SOAK_VM_CYCLES=50 $(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) -m bench
 
