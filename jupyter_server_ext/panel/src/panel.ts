@@ -45,6 +45,9 @@ export type ViewState =
 const NAME_HINT =
   "Use letters, digits, '.', '_' or '-', starting with a letter or digit (at most 63).";
 
+/** How long a rollback waits for the restarted kernel to answer its first request. */
+const KERNEL_GREETING_TIMEOUT_MS = 30_000;
+
 /** Kinds whose rollback keeps the kernel's memory (variables survive). */
 const MEMORY_KINDS = new Set(['memory']);
 
@@ -212,7 +215,13 @@ export class SnapshotPanel extends SidePanel {
     }
     const result = await this._run(
       `Rolling back to “${name}”`,
-      kernelId => this._client.rollback(kernelId, name),
+      async kernelId => {
+        const outcome = await this._client.rollback(kernelId, name);
+        if (outcome.kernel_restarted) {
+          await this._greetRestartedKernel();
+        }
+        return outcome;
+      },
       r =>
         `Rolled back to “${r.name}” in ${r.seconds.toFixed(1)} s. ` +
         (r.kernel_restarted
@@ -315,6 +324,30 @@ export class SnapshotPanel extends SidePanel {
       this._dom.name.value = '';
       this._dom.keep.checked = false;
       this._renderForm();
+    }
+  }
+
+  /**
+   * After a rollback restarted the kernel behind the session's back, the last status the kernel
+   * published is "starting", and JupyterLab ignores the status of kernel_info requests (they are
+   * "untracked message types"). A harmless is_complete request makes the kernel publish a
+   * busy/idle pair that every page showing this kernel, and the server, take as its status.
+   */
+  private async _greetRestartedKernel(): Promise<void> {
+    const kernel = this._notebook?.sessionContext.session?.kernel;
+    if (!kernel) {
+      return;
+    }
+    let timer = 0;
+    const timeout = new Promise<void>(resolve => {
+      timer = window.setTimeout(resolve, KERNEL_GREETING_TIMEOUT_MS);
+    });
+    try {
+      await Promise.race([kernel.requestIsComplete({ code: '' }), timeout]);
+    } catch {
+      // Not answering is shown by the next execution; the rollback itself succeeded.
+    } finally {
+      window.clearTimeout(timer);
     }
   }
 
