@@ -30,8 +30,9 @@ node_major=$(node -p 'process.versions.node.split(".")[0]')
 [ -x "$VENV/bin/python" ] || die "$VENV/bin/python not found: create the environment first (scripts/setup.sh)"
 [ -x "$VENV/bin/jupyter-builder" ] || die "$VENV/bin/jupyter-builder not found: install jupyterlab>=4.6 (or jupyter-builder) into $VENV"
 
-# jupyter-builder and jlpm come from the environment; node and npm from the system.
-export PATH="$PWD/$VENV/bin:$PATH"
+# jupyter-builder comes from the environment; node and npm from the system.
+VENV=$(cd "$VENV" && pwd)
+export PATH="$VENV/bin:$PATH"
 
 # Hash of everything the build reads from this repository, plus the builder's version.
 source_hash() {
