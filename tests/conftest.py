@@ -28,6 +28,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # One id per test session: labels everything this run creates (see helpers/leaks.py).
     session = os.environ.setdefault("SANDBOX_KERNELS_SESSION", uuid.uuid4().hex[:12])
     os.environ.setdefault("SANDBOX_KERNELS_STATE_DIR", f"/tmp/sandbox-kernels-test/{session}")
+    # Guests boot under TCG here; on a loaded two-core machine that can take minutes.
+    os.environ.setdefault("NIXOS_VM_SSH_READY_TIMEOUT", "240")
     # pytest-jupyter's jp_environ moves HOME: pin the image cache before it does.
     from sandbox_kernels.cache import cache_dir
 

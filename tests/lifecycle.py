@@ -39,6 +39,8 @@ class Runtime:
     bad_settings: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     #: Seconds a start may take on this machine (for client waits, not assertions of speed).
     start_timeout: float = 120.0
+    #: Seconds one small cell may take (a TCG guest on a loaded machine is slow).
+    exec_timeout: float = 60.0
 
 
 async def start(kernel_name: str, ksm: KernelSpecManager | None = None,
@@ -106,31 +108,33 @@ class LifecycleSuite:
             jp_asyncio_loop.run_until_complete(km.shutdown_kernel(now=True))
             assert not runtime.sandbox_exists(km.kernel_id), "sandbox left after shutdown"
 
-    async def test_execute_and_outputs(self, kernel: Any) -> None:
+    async def test_execute_and_outputs(self, kernel: Any, runtime: Runtime) -> None:
         _, kc = kernel
         out = await run_cell(
             kc,
             "import sys\nfrom IPython.display import display, HTML\n"
             "print('to stdout'); print('to stderr', file=sys.stderr)\n"
             "display(HTML('<b>rich</b>'))\n6 * 7",
+            timeout=runtime.exec_timeout,
         )
         assert out["status"] == "ok"
         assert out["stdout"] == "to stdout\n"
         assert out["stderr"] == "to stderr\n"
         assert out["display"][0]["text/html"] == "<b>rich</b>"
         assert out["result"] == "42"
-        err = await run_cell(kc, "1/0")
+        err = await run_cell(kc, "1/0", timeout=runtime.exec_timeout)
         assert err["status"] == "error" and err["error"] == "ZeroDivisionError"
 
     async def test_runs_in_the_sandbox(self, kernel: Any, runtime: Runtime) -> None:
         km, kc = kernel
         assert runtime.sandbox_exists(km.kernel_id)
-        out = await run_cell(kc, "import os, socket; print(socket.gethostname(), os.getuid())")
+        out = await run_cell(kc, "import os, socket; print(socket.gethostname(), os.getuid())",
+                             timeout=runtime.exec_timeout)
         host, uid = out["stdout"].split()
         assert host != os.uname().nodename
         assert uid != "0", "the kernel must not run as root in the sandbox"
 
-    async def test_interrupt(self, kernel: Any) -> None:
+    async def test_interrupt(self, kernel: Any, runtime: Runtime) -> None:
         km, kc = kernel
         msg_id = kc.execute("import time; time.sleep(60)")
         await asyncio.sleep(1.5)
@@ -143,17 +147,17 @@ class LifecycleSuite:
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert time.monotonic() - started < 30
         await asyncio.sleep(1)  # ipykernel aborts requests queued right after an error
-        after = await run_cell(kc, "print('alive')")
+        after = await run_cell(kc, "print('alive')", timeout=runtime.exec_timeout)
         assert after["stdout"] == "alive\n", after
 
     async def test_restart_resets_state(self, kernel: Any, runtime: Runtime) -> None:
         km, kc = kernel
-        await run_cell(kc, "x = 41")
+        await run_cell(kc, "x = 41", timeout=runtime.exec_timeout)
         await km.restart_kernel(now=False)
         await kc.wait_for_ready(timeout=runtime.start_timeout)
-        out = await run_cell(kc, "print('x' in globals())")
+        out = await run_cell(kc, "print('x' in globals())", timeout=runtime.exec_timeout)
         assert out["stdout"] == "False\n"
-        assert (await run_cell(kc, "print(1 + 1)"))["stdout"] == "2\n"
+        assert (await run_cell(kc, "print(1 + 1)", timeout=runtime.exec_timeout))["stdout"] == "2\n"
         assert runtime.sandbox_exists(km.kernel_id)
 
     async def test_kernel_death_detected_and_auto_restarted(self, kernel: Any, runtime: Runtime) -> None:
@@ -168,7 +172,8 @@ class LifecycleSuite:
             assert await wait_until(lambda: _truthy(restarts), timeout=runtime.start_timeout), \
                 "kernel death was not detected"
             await kc.wait_for_ready(timeout=runtime.start_timeout)
-            assert (await run_cell(kc, "print('back')"))["stdout"] == "back\n"
+            back = await run_cell(kc, "print('back')", timeout=runtime.exec_timeout)
+            assert back["stdout"] == "back\n"
         finally:
             restarter.stop()
 

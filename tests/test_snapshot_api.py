@@ -171,14 +171,14 @@ async def test_vm_memory_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
     """x = 1, snapshot, y = 2 and a file, roll back: x is back, y and the file are gone."""
     kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-nixos-vm")
     try:
-        await run_cell(kc, "x = 1")
+        await run_cell(kc, "x = 1", timeout=240)
         snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "before"})
         assert snap["kind"] == "memory"
-        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')")
+        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')", timeout=240)
         result = await _api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
         assert result["kernel_restarted"] is False
         out = await run_cell(kc, "import os\nprint('x' in globals(), 'y' in globals(), os.path.exists('after.txt'))",
-                             timeout=120)
+                             timeout=240)
         assert out["stdout"] == "True False False\n", out
         model = json.loads((await jp_fetch("api", "kernels", kid)).body)
         assert model["id"] == kid and model["execution_state"] != "dead"

@@ -11,6 +11,8 @@ import pytest
 
 from lifecycle import LifecycleSuite, Runtime, run_cell, start
 
+EXEC_TIMEOUT = 240  # a TCG guest on a loaded two-core machine is slow
+
 pytestmark = pytest.mark.vm
 
 
@@ -37,6 +39,7 @@ VM = Runtime(
         ({"accelerator": "warp"}, "accelerator"),
     ],
     start_timeout=300,
+    exec_timeout=240,
 )
 
 
@@ -53,7 +56,7 @@ class TestVMLifecycle(LifecycleSuite):
             "print([l for l in open('/proc/cpuinfo') if l.startswith('model name')][0].strip())\n"
             "try:\n    socket.create_connection(('192.0.2.1', 53), timeout=3); print('net: open')\n"
             "except OSError as e:\n    print('net: blocked')"
-        ))
+        ), timeout=EXEC_TIMEOUT)
         first, cpu, net = out["stdout"].splitlines()
         host, release, uid = first.split()
         assert host.startswith("sandbox-") and uid == "1000"
@@ -71,10 +74,10 @@ class TestVMLifecycle(LifecycleSuite):
 
     async def test_tunnel_drop_recovers(self, kernel: Any) -> None:
         km, kc = kernel
-        await run_cell(kc, "kept = 7")
+        await run_cell(kc, "kept = 7", timeout=EXEC_TIMEOUT)
         tunnel = km.provisioner.tunnel
         tunnel._transport.sock.shutdown(2)  # the SSH TCP connection dies under the tunnel
-        out = await run_cell(kc, "print(kept)", timeout=120)
+        out = await run_cell(kc, "print(kept)", timeout=EXEC_TIMEOUT)
         assert out["stdout"] == "7\n"
 
     async def test_memory_snapshot_rollback(self, kernel: Any) -> None:
@@ -82,14 +85,14 @@ class TestVMLifecycle(LifecycleSuite):
 
         km, kc = kernel
         service = SnapshotService(km.provisioner)
-        await run_cell(kc, "x = 1\nopen('before.txt', 'w').write('b')")
+        await run_cell(kc, "x = 1\nopen('before.txt', 'w').write('b')", timeout=EXEC_TIMEOUT)
         snap = await service.create("s1")
         assert snap.kind == "memory"
-        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('a')")
+        await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('a')", timeout=EXEC_TIMEOUT)
         result = await service.rollback("s1")
         assert result.kernel_restarted is False
         out = await run_cell(kc, "import os\nprint('x' in globals(), 'y' in globals(), "
-                                 "os.path.exists('before.txt'), os.path.exists('after.txt'))", timeout=120)
+                                 "os.path.exists('before.txt'), os.path.exists('after.txt'))", timeout=EXEC_TIMEOUT)
         assert out["stdout"] == "True False True False\n", out
         assert [s.name for s in await service.list()] == ["s1"]
         await service.delete("s1")
@@ -152,3 +155,24 @@ async def test_boot_failure_shows_console(kernelspec_dir: Any, tmp_path: Path) -
     text = str(info.value)
     assert "NIXOS_VM_SSH_READY_TIMEOUT" in text and "Console" in text, text
     assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
+
+
+async def test_workspace_disk_persists_across_kernels(kernelspec_dir: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named workspace is a second disk mounted at the working directory; it outlives kernels."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    monkeypatch.setenv("NIXOS_WORKSPACE_VM_IMAGES_DIR", str(tmp_path / "workspaces"))
+    ksm = KernelSpecManager(kernel_dirs=[str(kernelspec_dir("sandbox-nixos-vm", name="ws", workspace="proj1"))])
+    for step, code, expected in [
+        (1, "import os; open('notes.txt', 'w').write('kept'); print(os.getcwd())", "/home/executor/work\n"),
+        (2, "print(open('notes.txt').read())", "kept\n"),
+    ]:
+        km, kc = await start("ws", ksm=ksm, timeout=300)
+        try:
+            out = await run_cell(kc, code, timeout=EXEC_TIMEOUT)
+            assert out["stdout"] == expected, (step, out)
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+    assert (tmp_path / "workspaces" / "proj1.qcow2").exists()
