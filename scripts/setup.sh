@@ -17,6 +17,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     openssh-server openssh-client e2fsprogs iproute2 zstd
     python3-ipykernel  # the "remote host" Python of the SSH-host tests
+    chromium           # the browser test drives it with Playwright (never a downloaded browser)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -26,6 +27,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
+    log "installing Node.js and npm (to build the JupyterLab panel)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm
 fi
 
 scripts/daemons.sh
