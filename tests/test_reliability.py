@@ -143,3 +143,38 @@ def test_hmac_key_differs_per_kernel_and_is_not_logged(jp_asyncio_loop: object) 
     assert keys[0] != keys[1]
     assert text.getvalue(), "nothing was logged: the check below would prove nothing"
     assert not any(k in text.getvalue() for k in keys)
+
+
+@pytest.mark.docker
+def test_fork_bomb_and_memory_hog_are_contained(kernelspec_dir: object, jp_asyncio_loop: object) -> None:
+    """pids and memory limits hold: a fork loop hits the pids limit, a hog is OOM-killed and detected."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from lifecycle import run_cell, start, wait_until
+
+    kdir = kernelspec_dir("sandbox-docker", name="small", memory="256m", pids_limit=64)  # type: ignore[operator]
+    ksm = KernelSpecManager(kernel_dirs=[str(kdir)])
+    loop = jp_asyncio_loop
+    km, kc = loop.run_until_complete(start("small", ksm=ksm, timeout=60))  # type: ignore[attr-defined]
+    try:
+        forks = loop.run_until_complete(run_cell(kc, (  # type: ignore[attr-defined]
+            "import os, time\nchildren, error = [], None\n"
+            "for _ in range(500):\n"
+            "    try:\n        pid = os.fork()\n"
+            "    except OSError as e:\n        error = e.errno; break\n"
+            "    if pid == 0:\n        time.sleep(30); os._exit(0)\n"
+            "    children.append(pid)\n"
+            "for pid in children:\n    os.kill(pid, 9); os.waitpid(pid, 0)\n"
+            "print(len(children) < 64, error)"), timeout=120))
+        assert forks["stdout"] == "True 11\n", forks  # EAGAIN at the pids limit
+        kc.execute("hog = bytearray(2 * 1024**3)")  # beyond 256m: the kernel is OOM-killed
+        assert loop.run_until_complete(  # type: ignore[attr-defined]
+            wait_until(lambda: _dead(km), timeout=60)), "an OOM-killed kernel must poll dead"
+        assert loop.run_until_complete(km.provisioner.poll()) == 137  # type: ignore[attr-defined]
+    finally:
+        kc.stop_channels()
+        loop.run_until_complete(km.shutdown_kernel(now=True))  # type: ignore[attr-defined]
+
+
+async def _dead(km: object) -> bool:
+    return not await km.is_alive()  # type: ignore[attr-defined]
