@@ -176,3 +176,27 @@ async def test_workspace_disk_persists_across_kernels(kernelspec_dir: Any, tmp_p
             kc.stop_channels()
             await km.shutdown_kernel()
     assert (tmp_path / "workspaces" / "proj1.qcow2").exists()
+
+
+async def test_qemu_killed_is_detected() -> None:
+    """QEMU dies (SIGKILL from outside): the kernel polls dead at once, and shutdown cleans up."""
+    import os
+    import signal
+
+    from lifecycle import wait_until
+
+    km, kc = await start("sandbox-nixos-vm", timeout=300)
+    try:
+        prov = km.provisioner
+        pid = prov._host.qemu_pid(prov.sandbox_name)
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+
+        async def dead() -> bool:
+            return not await km.is_alive()
+
+        assert await wait_until(dead, timeout=30)
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
