@@ -1,0 +1,253 @@
+"""Local TCP listeners carried to a pod's ports over the API server's port-forward.
+
+Each forward is a socket listening on 127.0.0.1. Every connection accepted there opens its
+own port-forward stream (a websocket to the API server, the path ``kubectl port-forward``
+takes) to the pod's port, and a thread moves bytes both ways with bounded buffers. When a
+stream drops (API server restart, kernel restart, network blip) only that connection closes;
+the listener stays, and the next connection (ZMQ reconnects by itself) opens a new stream.
+So the forward is re-established on demand, and the local ports never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import SandboxConnectionError, SandboxError, SandboxNotFound
+
+_READ_SIZE = 1 << 16
+_HIGH_WATER = 1 << 22
+_ACCEPT_POLL = 1.0
+
+#: Opens one stream to a pod port; returns an object with ``socket(port)`` and ``close()``.
+StreamOpener = Callable[[int], Any]
+
+
+class PortForwarder:
+    """Listeners on 127.0.0.1 whose connections go to ports of one pod.
+
+    The API blocks and is thread-safe; :meth:`close` stops every thread it started.
+
+    Args:
+        open_stream: opens one port-forward stream to a pod port (``KubeAPI.port_forward``
+            bound to the pod).
+        name: a name for threads and log lines (the pod name).
+        logger: where connection events go.
+    """
+
+    def __init__(self, open_stream: StreamOpener, name: str, logger: logging.Logger | None = None):
+        self._open_stream = open_stream
+        self._name = name
+        self._log = logger or logging.getLogger(__name__)
+        self._lock = threading.Lock()
+        self._listeners: dict[int, tuple[socket.socket, int]] = {}
+        self._conns: set[_Connection] = set()
+        self._closed = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def forwards(self) -> dict[int, int]:
+        """Open forwards: local port -> pod port."""
+        with self._lock:
+            return {port: target for port, (_, target) in self._listeners.items()}
+
+    def forward(self, local_port: int, pod_port: int) -> int:
+        """Listen on 127.0.0.1:``local_port`` (0: any free port) and carry connections to
+        ``pod_port``; if ``local_port`` is already forwarded, point it at ``pod_port``.
+
+        Returns:
+            The local port.
+
+        Raises:
+            SandboxConnectionError: the forwarder is closed or the port cannot be bound.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                raise SandboxConnectionError(f"the port forwards to {self._name} are closed")
+            if local_port in self._listeners:
+                sock, _ = self._listeners[local_port]
+                self._listeners[local_port] = (sock, pod_port)
+                return local_port
+            sock = _listen(local_port)
+            port = sock.getsockname()[1]
+            self._listeners[port] = (sock, pod_port)
+            self._selector.register(sock, selectors.EVENT_READ, port)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                                name=f"sandbox-k8s-forward-{self._name}")
+                self._thread.start()
+        self._log.info("forwarding 127.0.0.1:%d to port %d of pod %s", port, pod_port, self._name)
+        return port
+
+    def drop_connections(self) -> None:
+        """Close every carried connection (listeners stay); clients reconnect through new
+        streams, e.g. to a restarted kernel."""
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close listeners and connections and join the threads. Idempotent."""
+        with self._lock:
+            self._closed.set()
+            listeners = [sock for sock, _ in self._listeners.values()]
+            self._listeners.clear()
+            conns = list(self._conns)
+            thread, self._thread = self._thread, None
+        for conn in conns:
+            conn.close()
+        if thread is not None:
+            thread.join(timeout)
+        for sock in listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            sock.close()
+        self._selector.close()
+        for conn in conns:
+            conn.join(timeout)
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            for key, _ in self._selector.select(_ACCEPT_POLL):
+                if self._closed.is_set():
+                    return
+                with contextlib.suppress(BlockingIOError, OSError):
+                    sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    self._start_connection(sock, key.data)
+
+    def _start_connection(self, sock: socket.socket, local_port: int) -> None:
+        with self._lock:
+            entry = self._listeners.get(local_port)
+            if entry is None or self._closed.is_set():
+                sock.close()
+                return
+            conn = _Connection(sock, entry[1], self)
+            self._conns.add(conn)
+        conn.start()
+
+    def _done(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+
+class _Connection:
+    """One accepted local connection and its port-forward stream."""
+
+    def __init__(self, sock: socket.socket, pod_port: int, owner: PortForwarder):
+        self.sock = sock
+        self.pod_port = pod_port
+        self.owner = owner
+        self.stream: Any = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"sandbox-k8s-conn-{owner._name}:{pod_port}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        log = self.owner._log
+        try:
+            try:
+                self.stream = self.owner._open_stream(self.pod_port)
+            except SandboxError as e:
+                log.debug("port-forward to %s:%d failed: %s", self.owner._name, self.pod_port, e)
+                return
+            if not self._closed.is_set():
+                _pump(self.sock, self.stream.socket(self.pod_port), self._closed)
+        except (OSError, SandboxNotFound) as e:
+            log.debug("forwarded connection to port %d ended: %s", self.pod_port, e)
+        except Exception:  # a thread must not die silently
+            log.exception("forwarded connection to port %d failed", self.pod_port)
+        finally:
+            if self.stream is not None:
+                with contextlib.suppress(Exception):
+                    self.stream.close()
+            self.sock.close()
+            self.owner._done(self)
+
+
+def _pump(local: socket.socket, remote: Any, closed: threading.Event) -> None:
+    """Move bytes both ways until either side closes or ``closed`` is set; buffers are
+    bounded, so a slow reader slows the writer instead of growing memory."""
+    local.setblocking(False)
+    remote.setblocking(False)
+    ends = (local, remote)
+    pending = {local: bytearray(), remote: bytearray()}  # bytes waiting to go TO that socket
+    other = {local: remote, remote: local}
+    with selectors.DefaultSelector() as sel:
+        for s in ends:
+            sel.register(s, selectors.EVENT_READ)
+        while not closed.is_set():
+            for key, events in sel.select(0.5):
+                s = key.fileobj
+                if events & selectors.EVENT_READ:
+                    data = s.recv(_READ_SIZE)  # type: ignore[union-attr]
+                    if not data:
+                        _flush(other[s], pending[other[s]])
+                        return
+                    pending[other[s]] += data
+                if events & selectors.EVENT_WRITE:
+                    with contextlib.suppress(BlockingIOError):
+                        del pending[s][:s.send(pending[s])]  # type: ignore[union-attr]
+            for s in ends:
+                want = 0
+                if len(pending[other[s]]) < _HIGH_WATER:
+                    want |= selectors.EVENT_READ
+                if pending[s]:
+                    want |= selectors.EVENT_WRITE
+                    with contextlib.suppress(BlockingIOError):
+                        del pending[s][:s.send(pending[s])]
+                    if not pending[s]:
+                        want &= ~selectors.EVENT_WRITE
+                if want:
+                    if s.fileno() in sel.get_map():
+                        sel.modify(s, want)
+                    else:
+                        sel.register(s, want)
+                elif s.fileno() in sel.get_map():
+                    sel.unregister(s)
+
+
+def _flush(sock: Any, data: bytearray, timeout: float = 2.0) -> None:
+    """Best-effort delivery of what is left before closing."""
+    if not data:
+        return
+    sock.settimeout(timeout)
+    with contextlib.suppress(OSError):
+        sock.sendall(bytes(data))
+
+
+def _listen(port: int) -> socket.socket:
+    """A non-blocking socket listening on 127.0.0.1 only.
+
+    Raises:
+        SandboxConnectionError: the port cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise SandboxConnectionError(f"cannot listen on 127.0.0.1:{port}: {e}") from e
+    return sock

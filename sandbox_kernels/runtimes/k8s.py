@@ -1,0 +1,417 @@
+"""Kubernetes runtime: one pod per kernel (kernel name ``sandbox-k8s``).
+
+The pod runs a tiny init as the image's unprivileged user, locked down (non-root, no
+capabilities, no privilege escalation, the runtime's default seccomp profile, no service
+account token unless asked). The kernel is started in it by exec, binds its ZMQ ports on the
+pod's 127.0.0.1 (ports of its own choosing, read back from its connection file), and is
+reached through the API server's pod port-forward (the path of ``kubectl port-forward``):
+local listeners on 127.0.0.1 keep the connection info's ports for the kernel's lifetime, and
+every connection made to them opens its own stream, so a dropped stream is re-established by
+the next connection. Interrupts are signals sent by exec; a restart replaces the kernel
+process and keeps the pod; shutdown deletes the pod with a grace period of 0.
+
+Every Kubernetes call blocks, so each runs off the event loop (``to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Any
+
+from traitlets import Bool, Dict, Enum, Float, List, Unicode, validate
+
+from ..aio import to_thread
+from ..errors import (
+    SandboxConfigError,
+    SandboxConnectionError,
+    SandboxError,
+    SandboxNotFound,
+    SandboxStartError,
+    SandboxTimeout,
+)
+from ..k8s.api import KubeAPI
+from ..k8s.forward import PortForwarder
+from ..k8s.manifest import k8s_labels, pod_manifest
+from ..k8s.process import PodProcess
+from ..labels import PREFIX
+from ..provisioning.base import SandboxProvisioner
+from ..settings import env_default
+
+DEFAULT_IMAGE = "sandbox-kernels/python:latest"
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+KERNEL_DIR = "/tmp/sandbox-kernel"
+LABEL_SELECTOR_KEY = f"{PREFIX}/kernel-id"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+# Container waiting reasons that never resolve by themselves: fail the launch at once.
+_FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "ErrImagePull", "ImagePullBackOff",
+                  "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
+                  "RunContainerError", "ImageInspectError"}
+
+
+class KubernetesProvisioner(SandboxProvisioner):
+    """Runs the kernel in a Kubernetes pod."""
+
+    runtime = "k8s"
+    kernel_name = "sandbox-k8s"
+
+    kubeconfig = Unicode("", config=True,
+                         help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config; in a pod, "
+                         "its service account). Env: SANDBOX_K8S_KUBECONFIG.")
+    _kubeconfig_default = env_default("kubeconfig", "SANDBOX_K8S_KUBECONFIG")
+    context = Unicode("", config=True, help="kubeconfig context (default: the current one). "
+                      "Env: SANDBOX_K8S_CONTEXT.")
+    _context_default = env_default("context", "SANDBOX_K8S_CONTEXT")
+    namespace = Unicode("default", config=True, help="Namespace of the kernel pods. "
+                        "Env: SANDBOX_K8S_NAMESPACE.")
+    _namespace_default = env_default("namespace", "SANDBOX_K8S_NAMESPACE")
+    image = Unicode(DEFAULT_IMAGE, config=True,
+                    help="Image with python3, ipykernel and a user of uid 1000. Env: SANDBOX_K8S_IMAGE.")
+    _image_default = env_default("image", "SANDBOX_K8S_IMAGE")
+    image_pull_policy = Enum(["Always", "IfNotPresent", "Never"], "IfNotPresent", config=True,
+                             help="The pod's imagePullPolicy. Env: SANDBOX_K8S_IMAGE_PULL_POLICY.")
+    _image_pull_policy_default = env_default("image_pull_policy", "SANDBOX_K8S_IMAGE_PULL_POLICY")
+    resources = Dict(
+        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        config=True,
+        help="The container's resources: {'requests': {'cpu': ..., 'memory': ...}, 'limits': {...}} "
+        "in Kubernetes quantities ('500m', '2Gi').")
+    node_selector = Dict(config=True, help="Node labels the pod must be scheduled on.")
+    tolerations = List(Dict(), config=True,
+                       help="Tolerations, as Kubernetes writes them ({'key', 'operator', 'value', 'effect'}).")
+    service_account = Unicode("", config=True, help="The pod's service account (default: the "
+                              "namespace's 'default').")
+    automount_service_account_token = Bool(False, config=True,
+                                           help="Mount the service account's token in the pod "
+                                           "(off: the kernel gets no cluster credentials).")
+    python = Unicode("python3", config=True, help="Python in the image (runs the pod's init and "
+                     "the kernel).")
+    schedule_timeout = Float(10.0, config=True,
+                             help="Seconds a pod may stay unschedulable before the launch fails with "
+                             "the scheduler's reason (raise it where a cluster autoscaler adds nodes).")
+    request_timeout = Float(30.0, config=True, help="Seconds for each Kubernetes API request.")
+
+    @validate("namespace")
+    def _check_namespace(self, proposal: dict[str, Any]) -> str:
+        if not _DNS_LABEL.match(proposal["value"]):
+            raise SandboxConfigError(f"namespace={proposal['value']!r} is not a namespace name "
+                                     "(lowercase letters, digits and '-').")
+        return str(proposal["value"])
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._api: KubeAPI | None = None
+        self._forwarder: PortForwarder | None = None
+        self.pid: int | None = None
+        self._remote_ports: dict[str, int] = {}
+
+    # -- settings -----------------------------------------------------------------------------
+
+    def validate_settings(self) -> None:
+        """Check names, quantities, selectors and tolerations before anything is created."""
+        super().validate_settings()
+        if not self.image or any(c.isspace() for c in self.image):
+            raise SandboxConfigError(f"image={self.image!r} is not an image reference.")
+        if not self.python or any(c.isspace() for c in self.python):
+            raise SandboxConfigError(f"python={self.python!r} must be one program path.")
+        if self.service_account and not _DNS_SUBDOMAIN.match(self.service_account):
+            raise SandboxConfigError(f"service_account={self.service_account!r} is not a valid name.")
+        _check_resources(self.resources)
+        for key, value in self.node_selector.items():
+            if not (isinstance(key, str) and _LABEL_KEY.match(key)
+                    and isinstance(value, str) and _LABEL_VALUE.match(value)):
+                raise SandboxConfigError(f"node_selector entry {key!r}: {value!r} is not a label.")
+        for toleration in self.tolerations:
+            unknown = set(toleration) - _TOLERATION_KEYS
+            if unknown:
+                raise SandboxConfigError(f"tolerations: unknown field(s) {sorted(unknown)} in {toleration!r}.")
+        if not _DNS_SUBDOMAIN.match(self.pod_name):
+            raise SandboxConfigError(f"kernel id {self.kernel_id!r} cannot name a pod "
+                                     "(lowercase letters, digits and '-' only).")
+
+    @property
+    def pod_name(self) -> str:
+        """The pod's name: ``sandbox-kernels-<kernel id>``."""
+        return self.sandbox_name
+
+    def _process(self) -> PodProcess:
+        assert self._api is not None
+        return PodProcess(self._api, self.pod_name)
+
+    async def _ensure_api(self) -> KubeAPI:
+        if self._api is None:
+            self._api = await to_thread(KubeAPI, self.namespace, self.kubeconfig, self.context,
+                                        self.request_timeout)
+        return self._api
+
+    # -- lifecycle hooks ----------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Run the configured Python in the pod instead of the kernelspec's ``python3``."""
+        kwargs = await super().pre_launch(**kwargs)
+        kwargs["cmd"][0] = self.python
+        return kwargs
+
+    async def create_sandbox(self) -> None:
+        """Create the pod and wait until its container runs (or fail with the pod's reason)."""
+        api = await self._ensure_api()
+        cluster = await to_thread(api.cluster_info)
+        manifest = pod_manifest(
+            name=self.pod_name,
+            labels=k8s_labels(self.labels),
+            image=self.image,
+            image_pull_policy=self.image_pull_policy,
+            python=self.python,
+            resources=self.resources,
+            node_selector=self.node_selector,
+            tolerations=self.tolerations,
+            service_account=self.service_account,
+            automount_token=self.automount_service_account_token,
+            seccomp=cluster.seccomp_field,
+        )
+        self.log.info("Creating pod %s/%s (image %s)", self.namespace, self.pod_name, self.image)
+        await to_thread(api.create_pod, manifest)
+        await self._wait_running()
+        self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+
+    def _open_stream(self, port: int) -> Any:
+        assert self._api is not None
+        return self._api.port_forward(self.pod_name, port)
+
+    async def _wait_running(self) -> None:
+        api = self._api
+        assert api is not None
+        unschedulable_since: float | None = None
+        while True:
+            pod = await to_thread(api.read_pod, self.pod_name)
+            if pod is None:
+                raise SandboxStartError(f"pod {self.pod_name} disappeared while starting.")
+            problem = _start_problem(pod)
+            if problem:
+                raise SandboxStartError(f"pod {self.pod_name} cannot start: {problem}"
+                                        f"{await self._events_text()}")
+            if _container_running(pod):
+                return
+            reason = _unschedulable(pod)
+            if reason:
+                unschedulable_since = unschedulable_since or time.monotonic()
+                if time.monotonic() - unschedulable_since >= self.schedule_timeout:
+                    raise SandboxStartError(f"pod {self.pod_name} cannot be scheduled: {reason}")
+            await asyncio.sleep(0.3)
+
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Write a connection file with port 0 (the kernel picks its ports) and start the
+        kernel detached in the pod."""
+        await self._ensure_api()
+        info = self.sandbox_connection_info()
+        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
+        process = self._process()
+        await to_thread(process.run, ["mkdir", "-p", "-m", "700", KERNEL_DIR])
+        await to_thread(process.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"])
+        await to_thread(process.write_file, self.sandbox_connection_file(), json.dumps(info).encode())
+        self.pid = await to_thread(process.start_detached, cmd, self._log_path, env)
+        self._remote_ports = {}
+
+    def sandbox_connection_file(self) -> str:
+        """The connection file in the pod."""
+        return f"{KERNEL_DIR}/connection.json"
+
+    @property
+    def _log_path(self) -> str:
+        return f"{KERNEL_DIR}/kernel.log"
+
+    async def wait_ready(self) -> None:
+        """Wait for the kernel to write its ports, then point the local forwards at them."""
+        process = self._process()
+        assert self.pid is not None
+        deadline = time.monotonic() + self.launch_timeout
+        while time.monotonic() < deadline:
+            result = await to_thread(process.run, ["cat", self.sandbox_connection_file()])
+            ports = _ports(result.stdout)
+            if ports:
+                self._point_forwards(ports)
+                return
+            status = await to_thread(process.status, self.pid, self._log_path)
+            if status.state != "running":
+                raise SandboxStartError(
+                    f"the kernel exited during start-up (exit code {status.exit_code}). "
+                    f"Kernel log:\n{await to_thread(process.tail, self._log_path)}")
+            await asyncio.sleep(0.2)
+        raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
+
+    def _point_forwards(self, ports: dict[str, int]) -> None:
+        if self._forwarder is None:
+            self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+        for ch in CHANNELS:
+            self._forwarder.forward(int(self.connection_info[f"{ch}_port"]), ports[ch])
+        if self._remote_ports and self._remote_ports != ports:
+            self._forwarder.drop_connections()  # still carried to the previous kernel
+        self._remote_ports = ports
+
+    async def kernel_exit_code(self) -> int | None:
+        """The pod's phase and container state first, then the kernel process itself."""
+        if self.pid is None:
+            return -1
+        api = await self._ensure_api()
+        try:
+            pod = await to_thread(api.read_pod, self.pod_name)
+        except SandboxConnectionError as e:
+            self.log.warning("Kernel %s: API server unreachable (%s); assuming alive", self.kernel_id, e)
+            return None
+        if pod is None or pod.metadata.deletion_timestamp is not None:
+            return -1
+        if pod.status.phase in ("Failed", "Succeeded") or not _container_running(pod):
+            return -1
+        if self._forwarder is None and self._remote_ports:  # re-attached from saved state
+            self._point_forwards(self._remote_ports)
+        try:
+            status = await to_thread(self._process().status, self.pid, self._log_path, 15)
+        except (SandboxConnectionError, SandboxTimeout) as e:
+            self.log.warning("Kernel %s: exec into the pod failed (%s)", self.kernel_id, e)
+            return None
+        if status.state == "running":
+            return None
+        return status.exit_code if status.exit_code is not None else -1
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Signal the kernel's process group in the pod (by exec); a gone pod has nothing to
+        signal."""
+        if self._api is not None and self.pid is not None:
+            try:
+                await to_thread(self._process().signal, self.pid, signum)
+            except SandboxNotFound:
+                self.log.debug("Kernel %s: pod %s is gone; no signal sent", self.kernel_id, self.pod_name)
+
+    async def stop_kernel(self) -> None:
+        """Kill the kernel before a restart in the same pod and wait until it is gone."""
+        if self._api is None or self.pid is None:
+            return
+        process = self._process()
+        try:
+            await to_thread(process.signal, self.pid, 9)
+            for _ in range(50):
+                if (await to_thread(process.status, self.pid, self._log_path)).state != "running":
+                    break
+                await asyncio.sleep(0.1)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not stop the kernel process: %s", self.kernel_id, e)
+
+    async def destroy_sandbox(self) -> None:
+        """Close the forwards and delete the pod (grace period 0); wait until it is gone."""
+        if self._forwarder is not None:
+            await to_thread(self._forwarder.close)
+            self._forwarder = None
+        api, self._api = self._api, None
+        self.pid = None
+        if api is None:
+            return
+        try:
+            await to_thread(api.delete_pod, self.pod_name, 0)
+            for _ in range(100):
+                if await to_thread(api.read_pod, self.pod_name) is None:
+                    break
+                await asyncio.sleep(0.1)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not delete pod %s: %s", self.kernel_id, self.pod_name, e)
+        finally:
+            await to_thread(api.close)
+
+    async def diagnostics(self) -> str:
+        """The pod's events and the kernel log's tail."""
+        parts = [await self._events_text()]
+        if self._api is not None and self.pid is not None:
+            tail = await to_thread(self._process().tail, self._log_path)
+            if tail.strip():
+                parts.append(f"Kernel log:\n{tail}")
+        return "\n".join(p for p in parts if p)
+
+    async def _events_text(self) -> str:
+        if self._api is None:
+            return ""
+        try:
+            events = await to_thread(self._api.pod_events, self.pod_name)
+        except SandboxError:
+            return ""
+        return ("\nPod events:\n  " + "\n  ".join(events[-10:])) if events else ""
+
+    def runtime_state(self) -> dict[str, Any]:
+        """Pod, namespace, kernel pid and pod ports (for re-attaching)."""
+        return {"pod": self.pod_name, "namespace": self.namespace, "pid": self.pid,
+                "remote_ports": self._remote_ports}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        self.pid = state.get("pid")
+        self._remote_ports = state.get("remote_ports", {})
+        if state.get("namespace"):
+            self.namespace = state["namespace"]
+
+
+# -- pod status -----------------------------------------------------------------------------
+
+
+def _container_status(pod: Any) -> Any | None:
+    for status in pod.status.container_statuses or []:
+        if status.name == "kernel":
+            return status
+    return None
+
+
+def _container_running(pod: Any) -> bool:
+    status = _container_status(pod)
+    return bool(pod.status.phase == "Running" and status is not None and status.state.running)
+
+
+def _start_problem(pod: Any) -> str:
+    """Why a pod will not start by itself ('' while it may still start)."""
+    if pod.status.phase in ("Failed", "Succeeded"):
+        return f"phase {pod.status.phase}: {pod.status.reason or ''} {pod.status.message or ''}".strip()
+    status = _container_status(pod)
+    if status is None:
+        return ""
+    if status.state.waiting and status.state.waiting.reason in _FATAL_WAITING:
+        waiting = status.state.waiting
+        return f"{waiting.reason}: {waiting.message or ''}".strip()
+    if status.state.terminated:
+        term = status.state.terminated
+        return f"the container exited ({term.reason}, code {term.exit_code}): {term.message or ''}".strip()
+    return ""
+
+
+def _unschedulable(pod: Any) -> str:
+    for condition in pod.status.conditions or []:
+        if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
+            return f"{condition.reason}: {condition.message}"
+    return ""
+
+
+def _ports(raw: bytes) -> dict[str, int] | None:
+    try:
+        info = json.loads(raw or b"{}")
+    except ValueError:
+        return None  # being rewritten by the kernel right now
+    ports = {ch: int(info.get(f"{ch}_port") or 0) for ch in CHANNELS}
+    return ports if all(ports.values()) else None
+
+
+def _check_resources(resources: dict[str, Any]) -> None:
+    """Raises SandboxConfigError unless ``resources`` is {requests|limits: {cpu|memory: quantity}}."""
+    for kind, values in resources.items():
+        if kind not in ("requests", "limits") or not isinstance(values, dict):
+            raise SandboxConfigError(
+                f"resources: {kind!r} must be 'requests' or 'limits', each a dict of cpu/memory.")
+        for name, quantity in values.items():
+            if name not in ("cpu", "memory", "ephemeral-storage"):
+                raise SandboxConfigError(f"resources.{kind}: unknown resource {name!r} "
+                                         "(cpu, memory, ephemeral-storage).")
+            if not _QUANTITY.match(str(quantity)):
+                raise SandboxConfigError(f"resources.{kind}.{name}={quantity!r} is not a Kubernetes "
+                                         "quantity (e.g. '500m', '2Gi').")
+
