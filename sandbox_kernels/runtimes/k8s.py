@@ -293,6 +293,8 @@ class KubernetesProvisioner(SandboxProvisioner):
         """Kill the kernel before a restart in the same pod and wait until it is gone."""
         if self._api is None or self.pid is None:
             return
+        if self._forwarder is not None:  # close the streams first, while their far end is alive
+            await to_thread(self._forwarder.drop_connections)
         process = self._process()
         try:
             await to_thread(process.signal, self.pid, 9)

@@ -40,7 +40,12 @@ fi
 
 # Mounts the kubelet made under its root dir, then the run dir (logs stay for post-mortems).
 if [[ -d $K8S_RUN/kubelet ]]; then
-    grep -o " $K8S_RUN/kubelet/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+    # (the kubelet also bind-mounts its root dir onto itself, possibly more than once)
+    for _ in 1 2 3 4 5; do
+        mounts=$(awk -v root="$K8S_RUN/kubelet" '$2 == root || index($2, root "/") == 1 {print $2}' /proc/mounts | sort -r)
+        [[ -n $mounts ]] || break
+        while read -r m; do umount -l "$m" || true; done <<<"$mounts"
+    done
 fi
 if [[ -d $K8S_RUN ]]; then
     find "$K8S_RUN" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +

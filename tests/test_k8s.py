@@ -1,0 +1,191 @@
+"""The Kubernetes runtime against a real one-node cluster (tests/infra/k8s, built from Debian's
+source package, pods on the local Docker engine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from lifecycle import LifecycleSuite, Runtime, run_cell, start
+
+pytestmark = [
+    pytest.mark.k8s,
+    # The kubernetes client's own port-forward thread lets ssl.SSLEOFError escape when the API
+    # server drops a stream whose kernel died (a known upstream wart; the connection is over
+    # either way and the forwarder opens a new stream for the next connection).
+    pytest.mark.filterwarnings("ignore:Exception in thread Kubernetes port forward proxy"
+                               ":pytest.PytestUnhandledThreadExceptionWarning"),
+]
+
+INFRA = Path(__file__).resolve().parent / "infra" / "k8s"
+NAMESPACE = "sandbox-kernels-test"
+LABEL = "sandbox-kernels/kernel-id"
+
+
+def _cluster_up(kubeconfig: Path) -> bool:
+    if not kubeconfig.is_file():
+        return False
+    try:
+        from kubernetes import client, config
+
+        api = client.VersionApi(config.new_client_from_config(str(kubeconfig)))
+        api.get_code(_request_timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster() -> Iterator[str]:
+    """The test cluster's kubeconfig; brings the cluster up (building it on a cold machine)
+    unless it already runs, and tears it down at the end if this session started it.
+
+    Sets what the ``sandbox-k8s`` kernelspec needs (also for papermill subprocesses):
+    SANDBOX_K8S_KUBECONFIG, SANDBOX_K8S_NAMESPACE, SANDBOX_K8S_IMAGE_PULL_POLICY=Never.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster needs root (kubelet, Docker)")
+    pytest.importorskip("kubernetes")
+    run_dir = Path(os.environ.get("SANDBOX_K8S_RUN_DIR", "/tmp/sandbox-kernels-k8s"))
+    reused = _cluster_up(run_dir / "admin.kubeconfig")
+    up = subprocess.run(["bash", str(INFRA / "up.sh")], capture_output=True, text=True,
+                        timeout=float(os.environ.get("SANDBOX_K8S_BUILD_TIMEOUT", 1800)) + 300)
+    if up.returncode != 0:
+        pytest.fail(f"tests/infra/k8s/up.sh failed:\n{up.stderr[-4000:]}")
+    kubeconfig = up.stdout.strip().splitlines()[-1]
+    bin_dir = subprocess.run(["bash", str(INFRA / "build.sh")], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    env = {
+        "SANDBOX_KERNELS_TEST_KUBECONFIG": kubeconfig,
+        "SANDBOX_K8S_KUBECONFIG": kubeconfig,
+        "SANDBOX_K8S_NAMESPACE": NAMESPACE,
+        "SANDBOX_K8S_IMAGE_PULL_POLICY": "Never",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the cluster's kubectl
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield kubeconfig
+        left = _pods()
+        if left:
+            _core().delete_collection_namespaced_pod(NAMESPACE, label_selector=LABEL, grace_period_seconds=0)
+        assert not left, f"pods left behind: {left}"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if not reused and os.environ.get("SANDBOX_K8S_KEEP_CLUSTER") != "1":
+            down = subprocess.run(["bash", str(INFRA / "down.sh")], capture_output=True, text=True,
+                                  timeout=300)
+            assert down.returncode == 0, down.stderr[-3000:]
+
+
+_CORE: Any = None
+
+
+def _core() -> Any:
+    global _CORE
+    if _CORE is None:
+        from kubernetes import client, config
+
+        _CORE = client.CoreV1Api(config.new_client_from_config(os.environ["SANDBOX_K8S_KUBECONFIG"]))
+    return _CORE
+
+
+def _pods(kernel_id: str | None = None) -> list[str]:
+    selector = f"{LABEL}={kernel_id}" if kernel_id else LABEL
+    pods = _core().list_namespaced_pod(NAMESPACE, label_selector=selector).items
+    return [p.metadata.name for p in pods]
+
+
+def _delete(kernel_id: str) -> None:
+    for name in _pods(kernel_id):
+        _core().delete_namespaced_pod(name, NAMESPACE, grace_period_seconds=0)
+
+
+class TestK8sLifecycle(LifecycleSuite):
+    @pytest.fixture
+    def runtime(self, k8s_cluster: str) -> Runtime:
+        return Runtime(
+            kernel_name="sandbox-k8s",
+            sandbox_exists=lambda kid: bool(_pods(kid)),
+            destroy_externally=_delete,
+            bad_settings=[
+                ({"image_pull_policy": "Sometimes"}, "image_pull_policy"),
+                ({"namespace": "Not_A_Namespace"}, "namespace"),
+                ({"resources": {"limits": {"memory": "lots"}}}, "memory"),
+                ({"node_selector": {"bad key!": "x"}}, "node_selector"),
+                ({"tolerations": [{"key": "a", "colour": "blue"}]}, "tolerations"),
+                ({"colour": "blue"}, "colour"),
+            ],
+            start_timeout=90,
+        )
+
+
+async def _start_failure(kernelspec_dir: Any, **config: Any) -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    ksm = KernelSpecManager(kernel_dirs=[str(kernelspec_dir("sandbox-k8s", name="k8s-bad", **config))])
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        await start("k8s-bad", ksm=ksm, timeout=60)
+    assert time.monotonic() - started < 45, "a pod that cannot start must fail the launch quickly"
+    assert not _pods(), "the failed pod must be deleted"
+    return str(info.value)
+
+
+async def test_missing_image_fails_with_the_pods_reason(k8s_cluster: str, kernelspec_dir: Any) -> None:
+    text = await _start_failure(kernelspec_dir, image="sandbox-kernels/no-such-image:1")
+    assert "ErrImageNeverPull" in text, text
+
+
+async def test_unschedulable_pod_fails_with_the_schedulers_reason(k8s_cluster: str, kernelspec_dir: Any) -> None:
+    text = await _start_failure(kernelspec_dir, node_selector={"sandbox-kernels/no-such-node": "x"},
+                                schedule_timeout=2)
+    # 1.20's scheduler words it "didn't match Pod's node affinity", later ones "...affinity/selector".
+    assert "Unschedulable" in text and "node(s) didn't match" in text, text
+
+
+async def test_pod_is_locked_down(k8s_cluster: str) -> None:
+    km, kc = await start("sandbox-k8s", timeout=90)
+    try:
+        (name,) = _pods(km.kernel_id)
+        pod = _core().read_namespaced_pod(name, NAMESPACE)
+        spec, container = pod.spec, pod.spec.containers[0]
+        assert spec.security_context.run_as_non_root and spec.security_context.run_as_user == 1000
+        assert spec.security_context.seccomp_profile.type == "RuntimeDefault"
+        assert spec.automount_service_account_token is False
+        assert container.security_context.allow_privilege_escalation is False
+        assert container.security_context.capabilities.drop == ["ALL"]
+        assert container.image_pull_policy == "Never"
+        assert pod.metadata.labels["sandbox-kernels/runtime"] == "k8s"
+        out = await run_cell(kc, (
+            "import os\n"
+            "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'NoNewPrivs', 'Seccomp:'))]\n"
+            "print(os.getuid(), caps, os.path.exists('/var/run/secrets/kubernetes.io'))"
+        ))
+        assert out["stdout"] == "1000 ['0000000000000000', '1', '2'] False\n", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert not _pods(km.kernel_id)
+
+
+async def test_dropped_forward_streams_are_reestablished(k8s_cluster: str) -> None:
+    km, kc = await start("sandbox-k8s", timeout=90)
+    try:
+        assert (await run_cell(kc, "x = 1; print(x)"))["stdout"] == "1\n"
+        km.provisioner._forwarder.drop_connections()  # as if the API server dropped every stream
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "print(x + 1)")
+        assert out["stdout"] == "2\n", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
