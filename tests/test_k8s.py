@@ -153,6 +153,11 @@ async def test_unschedulable_pod_fails_with_the_schedulers_reason(k8s_cluster: s
     assert "Unschedulable" in text and "node(s) didn't match" in text, text
 
 
+async def test_container_that_cannot_run_fails_with_its_reason(k8s_cluster: str, kernelspec_dir: Any) -> None:
+    text = await _start_failure(kernelspec_dir, python="/nonexistent/python3")
+    assert "ContainerCannotRun" in text and "/nonexistent/python3" in text, text
+
+
 async def test_pod_is_locked_down(k8s_cluster: str) -> None:
     km, kc = await start("sandbox-k8s", timeout=90)
     try:

@@ -310,10 +310,14 @@ class KubernetesProvisioner(SandboxProvisioner):
         if self._forwarder is not None:
             await to_thread(self._forwarder.close)
             self._forwarder = None
-        api, self._api = self._api, None
         self.pid = None
-        if api is None:
+        try:
+            api = await self._ensure_api()  # a re-attached kernel may not have a client yet
+        except SandboxError as e:
+            self.log.warning("Kernel %s: cannot reach the cluster to delete pod %s: %s",
+                             self.kernel_id, self.pod_name, e)
             return
+        self._api = None
         try:
             await to_thread(api.delete_pod, self.pod_name, 0)
             for _ in range(100):
@@ -372,18 +376,18 @@ def _container_running(pod: Any) -> bool:
 
 
 def _start_problem(pod: Any) -> str:
-    """Why a pod will not start by itself ('' while it may still start)."""
-    if pod.status.phase in ("Failed", "Succeeded"):
-        return f"phase {pod.status.phase}: {pod.status.reason or ''} {pod.status.message or ''}".strip()
+    """Why a pod will not start by itself ('' while it may still start); the container's
+    own state says most, so it comes first."""
     status = _container_status(pod)
-    if status is None:
-        return ""
-    if status.state.waiting and status.state.waiting.reason in _FATAL_WAITING:
+    if status is not None and status.state.waiting and status.state.waiting.reason in _FATAL_WAITING:
         waiting = status.state.waiting
         return f"{waiting.reason}: {waiting.message or ''}".strip()
-    if status.state.terminated:
+    if status is not None and status.state.terminated:
         term = status.state.terminated
         return f"the container exited ({term.reason}, code {term.exit_code}): {term.message or ''}".strip()
+    if pod.status.phase in ("Failed", "Succeeded"):
+        detail = " ".join(x for x in (pod.status.reason, pod.status.message) if x)
+        return f"phase {pod.status.phase}{': ' + detail if detail else ''}"
     return ""
 
 
