@@ -55,8 +55,13 @@ SOURCES
         apt-get update -qq
     fi
     say "fetching the Debian source package $SRC_PACKAGE"
-    (cd "$work" && apt-get source -qq "$SRC_PACKAGE" >"$work/apt-source.log" 2>&1) \
-        || { tail -n 20 "$work/apt-source.log" >&2; die "apt-get source failed (log above)"; }
+    if ! (cd "$work" && apt-get source -qq "$SRC_PACKAGE" >"$work/apt-source.log" 2>&1); then
+        # A newer stable/security upload replaces the pinned one on the mirror: take it (the
+        # patches must still apply, or the build stops with a clear message).
+        say "$SRC_PACKAGE is no longer on the mirror; trying the current kubernetes source"
+        (cd "$work" && apt-get source -qq kubernetes >>"$work/apt-source.log" 2>&1) \
+            || { tail -n 20 "$work/apt-source.log" >&2; die "apt-get source failed (log above)"; }
+    fi
     local tree
     tree=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
     [[ -n $tree ]] || die "no source tree after apt-get source"
