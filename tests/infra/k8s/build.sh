@@ -14,8 +14,6 @@ BUILD_TIMEOUT=${SANDBOX_K8S_BUILD_TIMEOUT:-1800}
 # Go >= 1.18 breaks the vendored reflect2 1.0.1 (json-iterator's map encoding panics in every
 # binary); Debian's golang-github-modern-go-reflect2-dev (1.0.2) replaces it.
 REFLECT2=/usr/share/gocode/src/github.com/modern-go/reflect2
-# The Go build cache outlives recipe changes (a changed patch rebuilds only what it touches).
-GO_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/sandbox-kernels/k8s-gocache
 
 have_all() {
     local b
@@ -87,7 +85,7 @@ build() {
     local log=$work/build.log start=$SECONDS
     (cd "$tree/.go/src/k8s.io/kubernetes" && \
         exec env GOPATH="$tree/.go" GO111MODULE=off CGO_ENABLED=0 HOME="$work" \
-        GOFLAGS= GOCACHE="$GO_CACHE" make WHAT="${what% }") >"$log" 2>&1 &
+        GOFLAGS= make WHAT="${what% }") >"$log" 2>&1 &
     local pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         sleep 30
