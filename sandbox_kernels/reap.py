@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,26 +61,35 @@ def _domains() -> list[Orphan]:
     return found
 
 
-def _directories(live_kernels: set[str]) -> list[Orphan]:
+def _directories(live_kernels: set[str], min_age: float) -> list[Orphan]:
     found = []
     roots = [("state", Path(default_state_root())), ("overlay", cache_dir() / "ephemeral")]
     for kind, root in roots:  # orphans' files go once their domain or container is gone
         if not root.is_dir():
             continue
         for entry in root.iterdir():
-            if entry.is_dir() and entry.name not in live_kernels:
+            # A kernel being created has files before its domain or socket exists: spare
+            # anything younger than min_age.
+            if entry.is_dir() and entry.name not in live_kernels and _age(entry) >= min_age:
                 found.append(Orphan(kind, str(entry), lambda p=entry: shutil.rmtree(p, ignore_errors=True)))
     return found
 
 
-def find_orphans() -> list[Orphan]:
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def find_orphans(min_age: float = 600.0) -> list[Orphan]:
     """Orphaned containers, domains, overlays and state directories on this host.
 
     A directory is kept while its kernel's control socket answers or any domain or container
     for its kernel id still exists (an orphaned one is reaped first, then its files).
     """
     orphans = _containers() + _domains()
-    orphans += _directories(_live_kernels() | _existing_sandbox_ids())
+    orphans += _directories(_live_kernels() | _existing_sandbox_ids(), min_age)
     return orphans
 
 
@@ -126,7 +136,7 @@ def _socket_answers(path: Path) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    orphans = find_orphans()
+    orphans = find_orphans(args.min_age)
     if not orphans:
         print("nothing to reap")
         return 0
@@ -142,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.yes:
         print("dry run: add --yes to remove them (files of orphaned VMs and containers too)")
         return 0
-    for orphan in find_orphans():  # files freed by removing their domain or container
+    for orphan in find_orphans(args.min_age):  # files freed by removing their domain or container
         orphan.remove()
         print(f"removed {orphan.kind} {orphan.name}")
     return 0
@@ -152,4 +162,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     """Register the ``reap`` sub-command."""
     p = sub.add_parser("reap", help="remove sandboxes whose owning process is gone (dry run by default)")
     p.add_argument("--yes", action="store_true", help="really remove them")
+    p.add_argument("--min-age", type=float, default=600.0, metavar="SECONDS",
+                   help="spare directories younger than this (a kernel may be starting); default 600")
     p.set_defaults(func=_run)

@@ -46,7 +46,7 @@ def test_killed_owner_is_reaped(tmp_path: Path) -> None:
     state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id
     assert state.exists() and _containers(kernel_id), "a killed owner cannot clean up"
 
-    reap = [str(VENV_BIN / "sandbox-kernels"), "reap"]
+    reap = [str(VENV_BIN / "sandbox-kernels"), "reap", "--min-age", "0"]
     dry = subprocess.run(reap, capture_output=True, text=True, check=True)
     assert f"sandbox-kernels-{kernel_id}" in dry.stdout and "dry run" in dry.stdout
     assert _containers(kernel_id), "a dry run removes nothing"

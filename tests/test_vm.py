@@ -145,9 +145,9 @@ async def test_boot_failure_shows_console(kernelspec_dir: Any, tmp_path: Path) -
 
     from jupyter_client.manager import AsyncKernelManager
 
-    # init=/bin/sleep: the guest kernel boots, but nothing ever starts sshd.
+    # init=/bin/sleep 3600 (words after "--" go to init): the guest boots, sshd never starts.
     kdir = kernelspec_dir("sandbox-nixos-vm", name="noboot", ssh_ready_timeout=40,
-                          extra_cmdline=["init=/bin/sleep"])
+                          extra_cmdline=["init=/bin/sleep", "--", "3600"])
     ksm = KernelSpecManager(kernel_dirs=[str(kdir)])
     km = AsyncKernelManager(kernel_name="noboot", kernel_spec_manager=ksm)
     with pytest.raises(Exception) as info:

@@ -288,7 +288,17 @@ class LibvirtProvisioner(TunnelledProvisioner):
         return "\n".join(p for p in parts if p)
 
     async def destroy_sandbox(self) -> None:
-        """Destroy and undefine the domain, remove overlay and seed, free the slot."""
+        """Destroy and undefine the domain, remove overlay and seed, free the slot.
+
+        The domain is powered off at once; a persistent workspace is synced first, or files
+        the kernel wrote in its last seconds would be lost with the guest's page cache.
+        """
+        if self.workspace and self.tunnel is not None:
+            try:
+                await to_thread(self.tunnel.run, ["sync"], None, 30)
+            except SandboxError as e:
+                self.log.warning("Kernel %s: could not sync workspace %r before power-off: %s",
+                                 self.kernel_id, self.workspace, e)
         await self.close_tunnel()
         try:
             host = await self._libvirt()
