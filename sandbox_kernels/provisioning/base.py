@@ -258,7 +258,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if signum == 0 or not self._has_process:
             return
         await self.idle()
-        await self.signal_kernel(signum)
+        try:
+            await self.signal_kernel(signum)
+        except SandboxError as e:
+            # Like a local process that already exited: the caller (often shutdown) goes on.
+            self.log.warning("Kernel %s: could not deliver signal %d: %s", self.kernel_id, signum, e)
 
     async def kill(self, restart: bool = False) -> None:
         """Kill the kernel process; called from ``KernelManager._kill_kernel()``."""

@@ -181,8 +181,8 @@ class TunnelledProvisioner(SandboxProvisioner):
 
     async def signal_kernel(self, signum: int) -> None:
         """Signal the kernel's process group on the remote."""
-        if self.tunnel is not None and self.pid is not None:
-            await to_thread(self.tunnel.signal, self.pid, signum)
+        if self.tunnel is not None and self.pid is not None and await self.sandbox_alive():
+            await to_thread(self.tunnel.signal, self.pid, signum, 15)
 
     async def diagnostics(self) -> str:
         """The kernel log's tail."""
