@@ -13,14 +13,7 @@ import pytest
 
 from lifecycle import LifecycleSuite, Runtime, run_cell, start
 
-pytestmark = [
-    pytest.mark.k8s,
-    # The kubernetes client's own port-forward thread lets ssl.SSLEOFError escape when the API
-    # server drops a stream whose kernel died (a known upstream wart; the connection is over
-    # either way and the forwarder opens a new stream for the next connection).
-    pytest.mark.filterwarnings("ignore:Exception in thread Kubernetes port forward proxy"
-                               ":pytest.PytestUnhandledThreadExceptionWarning"),
-]
+pytestmark = pytest.mark.k8s
 
 INFRA = Path(__file__).resolve().parent / "infra" / "k8s"
 NAMESPACE = "sandbox-kernels-test"

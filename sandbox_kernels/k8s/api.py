@@ -235,24 +235,33 @@ class KubeAPI:
             core.api_client.close()
         return ExecResult(code, bytes(out), bytes(err))
 
-    def port_forward(self, pod: str, port: int) -> Any:
+    def open_port_forward(self, pod: str, port: int) -> Any:
         """Open one port-forward stream to ``port`` on the pod (kubectl port-forward's path).
 
+        The websocket is returned as it is (no proxy thread): :mod:`.forward` speaks the
+        channel protocol itself, so a stream that breaks in any way ends its connection.
+
         Returns:
-            The client's ``PortForward``; ``.socket(port)`` is the stream's local end.
+            A connected ``websocket.WebSocket``.
 
         Raises:
+            SandboxNotFound: the pod is gone.
             SandboxConnectionError: the stream could not be opened.
         """
-        from kubernetes.stream import portforward
+        from urllib.parse import quote
 
-        core = self._stream_core()
+        from kubernetes.stream.ws_client import create_websocket, get_websocket_url
+
+        what = f"forwarding to port {port} of pod {pod}"
+        path = f"/api/v1/namespaces/{quote(self.namespace)}/pods/{quote(pod)}/portforward"
+        url = get_websocket_url(self._configuration.host + path, [("ports", str(port))])
+        headers = {auth["key"].lower(): auth["value"]
+                   for auth in self._configuration.auth_settings().values()
+                   if auth.get("in") == "header" and auth.get("value")}
         try:
-            return self._call(f"forwarding to port {port} of pod {pod}", portforward,
-                              core.connect_get_namespaced_pod_portforward, pod, self.namespace,
-                              ports=str(port))
-        finally:
-            core.api_client.close()  # only its connection pool: the stream has its own socket
+            return create_websocket(self._configuration, url, headers)
+        except Exception as e:  # websocket-client's errors share no useful base
+            raise _api_error(what, self._k8s.client.ApiException(status=0, reason=str(e))) from e
 
 
 def _exit_code(client: Any) -> int:

@@ -1,19 +1,25 @@
 """Local TCP listeners carried to a pod's ports over the API server's port-forward.
 
 Each forward is a socket listening on 127.0.0.1. Every connection accepted there opens its
-own port-forward stream (a websocket to the API server, the path ``kubectl port-forward``
-takes) to the pod's port, and a thread moves bytes both ways with bounded buffers. When a
-stream drops (API server restart, kernel restart, network blip) only that connection closes;
-the listener stays, and the next connection (ZMQ reconnects by itself) opens a new stream.
-So the forward is re-established on demand, and the local ports never change.
+own port-forward websocket to the pod's port (the API the ``kubectl port-forward`` command
+uses) and a thread moves bytes both ways, speaking the stream's channel protocol itself:
+channel 0 carries data, channel 1 errors, and the first frame on each names the port. When a
+stream ends or breaks in any way (API server restart, kernel restart, TLS error) its local
+connection is closed; the listener stays, and the next connection (ZMQ reconnects by itself)
+opens a new stream. So forwards are re-established on demand and the local ports never change.
+
+The kubernetes client's own ``portforward`` helper is not used: its proxy thread dies on a
+TLS error without closing the local end, which would leave a ZMQ connection hanging.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import selectors
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +30,9 @@ _READ_SIZE = 1 << 16
 _HIGH_WATER = 1 << 22
 _ACCEPT_POLL = 1.0
 
-#: Opens one stream to a pod port; returns an object with ``socket(port)`` and ``close()``.
+_DATA, _ERROR = 0, 1
+
+#: Opens one port-forward websocket to a pod port (``KubeAPI.open_port_forward``, bound).
 StreamOpener = Callable[[int], Any]
 
 
@@ -34,8 +42,8 @@ class PortForwarder:
     The API blocks and is thread-safe; :meth:`close` stops every thread it started.
 
     Args:
-        open_stream: opens one port-forward stream to a pod port (``KubeAPI.port_forward``
-            bound to the pod).
+        open_stream: opens one port-forward websocket to a pod port
+            (``KubeAPI.open_port_forward`` bound to the pod).
         name: a name for threads and log lines (the pod name).
         logger: where connection events go.
     """
@@ -171,62 +179,64 @@ class _Connection:
                 log.debug("port-forward to %s:%d failed: %s", self.owner._name, self.pod_port, e)
                 return
             if not self._closed.is_set():
-                _pump(self.sock, self.stream.socket(self.pod_port), self._closed)
-        except (OSError, SandboxNotFound) as e:
+                _pump(self.sock, self.stream, self._closed)
+        except (OSError, SandboxError) as e:
             log.debug("forwarded connection to port %d ended: %s", self.pod_port, e)
-        except Exception:  # a thread must not die silently
-            log.exception("forwarded connection to port %d failed", self.pod_port)
+        except Exception as e:  # websocket-client errors (no common base): the stream is over
+            log.debug("forwarded connection to port %d broke: %s", self.pod_port, e)
         finally:
             if self.stream is not None:
                 with contextlib.suppress(Exception):
-                    self.stream.close()
+                    self.stream.close(timeout=1)
             self.sock.close()
             self.owner._done(self)
 
 
-def _pump(local: socket.socket, remote: Any, closed: threading.Event) -> None:
-    """Move bytes both ways until either side closes or ``closed`` is set; buffers are
-    bounded, so a slow reader slows the writer instead of growing memory."""
+def _pump(local: socket.socket, ws: Any, closed: threading.Event) -> None:
+    """Move bytes between ``local`` and the port-forward websocket ``ws`` until either ends
+    or ``closed`` is set. Bytes for ``local`` are buffered up to a bound; past it the
+    websocket is not read, so the API server's flow control slows the pod side.
+
+    Raises:
+        SandboxConnectionError: the stream reported an error (e.g. nothing listens on the
+            pod port).
+    """
+    from websocket import ABNF
+
     local.setblocking(False)
-    remote.setblocking(False)
-    ends = (local, remote)
-    pending = {local: bytearray(), remote: bytearray()}  # bytes waiting to go TO that socket
-    other = {local: remote, remote: local}
-    with selectors.DefaultSelector() as sel:
-        for s in ends:
-            sel.register(s, selectors.EVENT_READ)
-        while not closed.is_set():
-            for key, events in sel.select(0.5):
-                s = key.fileobj
-                if events & selectors.EVENT_READ:
-                    data = s.recv(_READ_SIZE)  # type: ignore[union-attr]
-                    if not data:
-                        _flush(other[s], pending[other[s]])
-                        return
-                    pending[other[s]] += data
-                if events & selectors.EVENT_WRITE:
-                    with contextlib.suppress(BlockingIOError):
-                        del pending[s][:s.send(pending[s])]  # type: ignore[union-attr]
-            for s in ends:
-                want = 0
-                if len(pending[other[s]]) < _HIGH_WATER:
-                    want |= selectors.EVENT_READ
-                if pending[s]:
-                    want |= selectors.EVENT_WRITE
-                    with contextlib.suppress(BlockingIOError):
-                        del pending[s][:s.send(pending[s])]
-                    if not pending[s]:
-                        want &= ~selectors.EVENT_WRITE
-                if want:
-                    if s.fileno() in sel.get_map():
-                        sel.modify(s, want)
-                    else:
-                        sel.register(s, want)
-                elif s.fileno() in sel.get_map():
-                    sel.unregister(s)
+    raw = ws.sock
+    to_local = bytearray()
+    seen_port = [False, False]  # the first frame on each channel only names the port
+    while not closed.is_set():
+        read_ws = len(to_local) < _HIGH_WATER
+        buffered = read_ws and isinstance(raw, ssl.SSLSocket) and raw.pending() > 0
+        readers = [local] + ([raw] if read_ws else [])
+        writers = [local] if to_local else []
+        readable, writable, _ = select.select(readers, writers, [], 0 if buffered else 0.5)
+        if buffered or raw in readable:
+            opcode, frame = ws.recv_data_frame(True)
+            if opcode == ABNF.OPCODE_CLOSE:
+                break
+            if opcode in (ABNF.OPCODE_BINARY, ABNF.OPCODE_TEXT) and frame.data:
+                channel, payload = frame.data[0], frame.data[1:]
+                if channel in (_DATA, _ERROR) and not seen_port[channel]:
+                    seen_port[channel] = True
+                elif channel == _ERROR and payload:
+                    raise SandboxConnectionError(f"port-forward error: {bytes(payload).decode(errors='replace')}")
+                elif channel == _DATA:
+                    to_local += payload
+        if local in readable:
+            data = local.recv(_READ_SIZE)
+            if not data:
+                return
+            ws.send_binary(bytes((_DATA,)) + data)
+        if to_local and (local in writable or not writers):
+            with contextlib.suppress(BlockingIOError):
+                del to_local[:local.send(to_local)]
+    _flush(local, to_local)
 
 
-def _flush(sock: Any, data: bytearray, timeout: float = 2.0) -> None:
+def _flush(sock: socket.socket, data: bytearray, timeout: float = 2.0) -> None:
     """Best-effort delivery of what is left before closing."""
     if not data:
         return

@@ -183,7 +183,7 @@ class KubernetesProvisioner(SandboxProvisioner):
 
     def _open_stream(self, port: int) -> Any:
         assert self._api is not None
-        return self._api.port_forward(self.pod_name, port)
+        return self._api.open_port_forward(self.pod_name, port)
 
     async def _wait_running(self) -> None:
         api = self._api
