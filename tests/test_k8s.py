@@ -187,3 +187,25 @@ async def test_dropped_forward_streams_are_reestablished(k8s_cluster: str) -> No
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+async def test_api_server_restart_keeps_the_kernel(k8s_cluster: str) -> None:
+    """A real drop of every stream: the API server dies and comes back; the kernel keeps its
+    state and the local ports, and clients get through again over new streams."""
+    km, kc = await start("sandbox-k8s", timeout=90)
+    try:
+        assert (await run_cell(kc, "y = 5; print(y)"))["stdout"] == "5\n"
+        pid = subprocess.run(["bash", "-c", f"source {INFRA}/common.sh; pid_of kube-apiserver"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["kill", "-KILL", pid], check=True)
+        assert await km.is_alive(), "an unreachable API server is not a dead kernel"
+        up = subprocess.run(["bash", str(INFRA / "up.sh")], capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+        await kc.wait_for_ready(timeout=60)
+        out = await run_cell(kc, "print(y + 1)")
+        assert out["stdout"] == "6\n", out
+        assert await km.is_alive()
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert not _pods(km.kernel_id)
