@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test soak bench clean
+.PHONY: setup demo test soak bench clean k8s-up k8s-down
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,14 @@ soak: setup
 bench: setup
 	$(PY) -m bench
 
+# The one-node test cluster (tests start and stop it themselves; these are for poking at it).
+k8s-up:
+	bash tests/infra/k8s/up.sh
+
+k8s-down:
+	bash tests/infra/k8s/down.sh
+
 clean:
+	bash tests/infra/k8s/down.sh 2>/dev/null || true
 	.venv/bin/sandbox-kernels reap --yes 2>/dev/null || true
 	rm -rf .venv build dist

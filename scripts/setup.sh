@@ -53,6 +53,9 @@ log "building images (cached by recipe hash under ~/.cache/sandbox-kernels)"
 .venv/bin/sandbox-kernels image build docker
 .venv/bin/sandbox-kernels image build vm
 
+log "building the Kubernetes test cluster binaries (test infrastructure; cached, 15-17 min cold)"
+bash tests/infra/k8s/build.sh > /dev/null   # progress lines go to stderr
+
 node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
 if [ "$node_major" -lt 20 ] && [ ! -x .venv/bin/node ]; then
     # Debian 12's nodejs is 18, too old for JupyterLab 4.6's builder: take node from PyPI.
