@@ -84,8 +84,9 @@ async def run(kernel_name: str, n: int, notebook: Path, workdir: Path, env: dict
             code = await proc.wait()
             result.durations.append(time.perf_counter() - started)
             if code != 0:
-                tail = (workdir / f"run-{i}.log").read_text(errors="replace")[-400:]
-                result.failures.append(f"run {i} exited {code}: {tail.strip()}")
+                lines = (workdir / f"run-{i}.log").read_text(errors="replace").strip().splitlines()
+                result.failures.append(f"run {i} exited {code}: {' / '.join(lines[-2:])[:300]} "
+                                       f"(log {workdir / f'run-{i}.log'})")
             if n > 1:
                 say(f"batch {kernel_name}: {len(result.durations)}/{n} done at "
                     f"{result.durations[-1]:.0f} s")

@@ -193,7 +193,8 @@ async def run_batch(n: int, results: Results, say: Progress) -> None:
             ideal = n * one.wall / 2
             note += f"; NIXOS_MAX_CONCURRENT_VMS=2, ideal {n} x {one.wall:.1f} s / 2 = {ideal:.0f} s"
             results.row(BATCH_IDEAL, runtime, "x", baseline=None,
-                        note="1.0 = the two VM slots were never idle and nothing else slowed runs"
+                        note="1.0 = the two VM slots were never idle and two VMs at once cost nothing extra; "
+                             "below 1 is possible: queued runs start papermill while they wait"
                         ).samples.append(done.wall / ideal)
             results.row(BATCH_RSS, runtime, "MiB", baseline=None,
                         note="VmHWM of each VM's QEMU process, sampled every second"

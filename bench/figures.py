@@ -130,21 +130,37 @@ async def measure_runtime(run: Run) -> None:
     for figure in (START, WARM, ROUNDTRIP, STDOUT, DISPLAY):
         run.row(figure)
     kept: Kernel | None = None
+    failed: list[str] = []
     try:
         for i in range(run.plan.starts):
             if kept is not None:
                 seconds = await run.kernels.stop(kept)
                 kept = None
                 run.row(SHUTDOWN).samples.append(seconds)
-            kept = await run.kernels.start(run.kernel_name)
+            try:
+                kept = await run.kernels.start(run.kernel_name)
+            except BenchError as e:  # e.g. the sandbox was removed from outside: note it, go on
+                run.say(f"{run.runtime}: cold start {i + 1}/{run.plan.starts} failed: {e}")
+                failed.append(str(e))
+                if len(failed) >= 2 and not run.row(START).samples:
+                    break
+                continue
             run.row(START).samples.append(kept.start_seconds)
             run.say(f"{run.runtime}: cold start {i + 1}/{run.plan.starts}: {kept.start_seconds:.2f} s")
             await run.paired_local_start(START)
+        if failed:
+            run.results.skip(START, run.runtime, "s", f"{len(failed)} of {run.plan.starts} starts failed, "
+                             f"first: {failed[0][:300]}")
         if kept is not None:
             await _run_figures(run, kept)
     except BenchError as e:
         run.say(f"{run.runtime}: {e}")
         run.results.skip(START, run.runtime, "s", str(e))
+    except BaseException:  # Ctrl-C, SIGTERM: shut down, but do not count it as a sample
+        if kept is not None:
+            await run.kernels.stop(kept)
+            kept = None
+        raise
     finally:
         if kept is not None:
             seconds = await run.kernels.stop(kept)
@@ -175,13 +191,15 @@ async def _run_figures(run: Run, k: Kernel) -> None:
         say(f"{name}: host memory {fp.rss_mib:.0f} MiB"
             + (f", disk {fp.disk_mib:.1f} MiB" if fp.disk_mib is not None else ""))
 
-    async def output(figure: str, measure: Callable[[Any, int], Awaitable[float]], size: int,
+    async def output(figure: str, measure: Callable[[Any, int], Awaitable[Any]], size: int,
                      what: str) -> None:
         for _ in range(plan.reps):
-            rate = await measure(k.kc, size)
+            rate, stray = _rate(await measure(k.kc, size))
             run.row(figure, what).samples.append(rate)
+            if stray:
+                run.row(figure, f"the cell also printed {stray!r}")
             if local is not None:
-                run.row(figure).paired.append(await measure(local.kc, size))
+                run.row(figure).paired.append(_rate(await measure(local.kc, size))[0])
             say(f"{name}: {figure} {size // 2**20} MiB at {rate:.1f} MiB/s")
 
     async def warm() -> None:
@@ -200,6 +218,10 @@ async def _run_figures(run: Run, k: Kernel) -> None:
     if plan.snapshots:
         await _figure(run.results, (SNAP_CREATE, SNAP_ROLLBACK), name, say, lambda: _snapshots(run, k))
     await _figure(run.results, (WARM,), name, say, warm)
+
+
+def _rate(result: float | tuple[float, str]) -> tuple[float, str]:
+    return result if isinstance(result, tuple) else (result, "")
 
 
 async def _snapshots(run: Run, k: Kernel) -> None:

@@ -5,8 +5,10 @@ spent awaiting (the guest booting, a thread doing a libvirt call) is charged to 
 that waited, and prints:
 
 * a timeline of the log lines emitted during the start, with seconds since ``start_kernel()``;
-* for a VM, the guest's own timestamps from its serial console (kernel boot to sshd);
-* pyinstrument's call tree (also written as HTML under ``bench/results/``).
+* what importing ipykernel costs inside the sandbox (``python -X importtime``), since under
+  TCG the guest's Python start-up is where a VM start goes;
+* pyinstrument's call trees of the start and of the graceful shutdown that follows (also
+  written as HTML under ``bench/results/``).
 
 pyinstrument only sees this process. To sample native frames and idle threads as well, run the
 same start under py-spy: ``py-spy record --idle -o start.svg -- .venv/bin/python -m bench.profile_start``.
@@ -19,18 +21,18 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import re
 import time
 from pathlib import Path
+from typing import Any
 
-from .kernels import Kernels
+from .kernels import Kernels, execute
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _Timeline(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
+        super().__init__(logging.INFO)
         self.t0 = time.monotonic()
         self.lines: list[tuple[float, str]] = []
 
@@ -38,25 +40,42 @@ class _Timeline(logging.Handler):
         self.lines.append((time.monotonic() - self.t0, f"{record.name}: {record.getMessage()}"[:160]))
 
 
-def _guest_timeline(console: Path) -> list[str]:
-    """Lines of the guest console with a kernel timestamp that mark boot progress."""
-    wanted = re.compile(r"Run /init|sandbox|SANDBOX|sshd|EXT4-fs|Freeing unused kernel|virtio", re.I)
-    out = []
-    for line in console.read_text(errors="replace").splitlines():
-        if line.startswith("[") and wanted.search(line):
-            out.append(line.strip()[:140])
-    return out[:40]
+_IMPORT_PROBE = """
+import subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run([sys.executable, '-X', 'importtime', '-c', 'import ipykernel.kernelapp'],
+                   capture_output=True, text=True)
+print(f'{time.perf_counter() - t:.2f}')
+rows = []
+for line in p.stderr.splitlines():
+    parts = line.split('|')
+    if line.startswith('import time:') and len(parts) == 3 and parts[1].strip().isdigit():
+        rows.append((int(parts[1]), int(parts[0].split(':')[1]), parts[2].rstrip()))
+for cumulative, own, name in sorted(rows, reverse=True)[:12]:
+    print(f'{cumulative / 1e6:8.2f} {own / 1e6:8.2f} {name}')
+"""
+
+
+async def _import_cost(kernel: Any) -> str:
+    """Run ``python -X importtime -c 'import ipykernel.kernelapp'`` where the kernel runs."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+
+    await execute(kernel.kc, _IMPORT_PROBE, timeout=600, hook=hook)
+    return "".join(out)
 
 
 async def profile(kernel_name: str) -> None:
     from pyinstrument import Profiler
 
-    logging.basicConfig(level=logging.WARNING)
     timeline = _Timeline()
     root = logging.getLogger()
     root.addHandler(timeline)
-    root.setLevel(logging.DEBUG)
-    for noisy in ("paramiko", "asyncio", "traitlets.config"):
+    root.setLevel(logging.INFO)
+    for noisy in ("traitlets.paramiko", "paramiko", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kernels = Kernels()
     profiler = Profiler(interval=0.001, async_mode="enabled")
@@ -67,24 +86,31 @@ async def profile(kernel_name: str) -> None:
     finally:
         profiler.stop()
         root.removeHandler(timeline)
+    stopper = Profiler(interval=0.001, async_mode="enabled")
     try:
         print(f"\n{kernel_name}: start-to-ready {kernel.start_seconds:.2f} s\n\nlog timeline (s since start_kernel):")
         for at, text in timeline.lines:
             print(f"  {at:7.2f}  {text}")
-        state_dir = getattr(kernel.km.provisioner, "_state_dir", None)
-        console = Path(state_dir) / "console.log" if state_dir else None
-        if console and console.exists():
-            print("\nguest console (guest kernel timestamps, s since the guest kernel started):")
-            for line in _guest_timeline(console):
-                print(f"  {line}")
+        lines = (await _import_cost(kernel)).splitlines()
+        print(f"\ninside the sandbox: a fresh `python -X importtime -c 'import ipykernel.kernelapp'` "
+              f"takes {lines[0]} s (files now in the page cache); largest imports:")
+        print("  cumulative s   own s  module")
+        for line in lines[1:]:
+            print(f"  {line}")
+        stopper.start()
+        seconds = await kernels.stop(kernel)
+        stopper.stop()
+        print(f"\ngraceful shutdown: {seconds:.2f} s")
     finally:
         await kernels.stop_all()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    html = RESULTS / f"profile-{kernel_name}-{stamp}.html"
-    html.write_text(profiler.output_html())
-    print(profiler.output_text(unicode=True, color=False, show_all=False))
-    print(f"pyinstrument HTML: {html}")
+    for what, prof in (("start", profiler), ("shutdown", stopper)):
+        html = RESULTS / f"profile-{kernel_name}-{what}-{stamp}.html"
+        html.write_text(prof.output_html())
+        print(f"\n== {what} ==")
+        print(prof.output_text(unicode=True, color=False, show_all=False))
+        print(f"pyinstrument HTML: {html}")
 
 
 def main() -> int:
