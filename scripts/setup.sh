@@ -39,10 +39,10 @@ fi
 stamp=.venv/.sandbox-kernels-installed
 want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    log "installing sandbox-kernels into .venv (pip install -e '.[all,test]')"
+    log "installing sandbox-kernels into .venv (pip install -e '.[all,test,bench]')"
     .venv/bin/pip install -q --upgrade pip
     # build-panel.sh below builds the panel once; skip the build hook's own npm run here.
-    HATCH_JUPYTER_BUILDER_SKIP_NPM=1 .venv/bin/pip install -q -e '.[all,test]'
+    HATCH_JUPYTER_BUILDER_SKIP_NPM=1 .venv/bin/pip install -q -e '.[all,test,bench]'
     echo "$want" > "$stamp"
 fi
 
