@@ -108,7 +108,7 @@ def write_plot(results: Results, figures: list[str], meta: dict[str, Any], direc
     panels = [(f, rows) for f, rows in panels if rows]
     if not panels:
         return None
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False, sharey=True)
     rng = random.Random(0)
@@ -120,8 +120,9 @@ def write_plot(results: Results, figures: list[str], meta: dict[str, Any], direc
                       [f"{r.runtime}\n{_num(r.median)} s" + (f"\n{r.ratio:.1f}x" if r.ratio else "")
                        for r in rows])
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("seconds (log scale)")
         ax.set_title(figure)
         ax.grid(True, axis="y", which="both", alpha=0.3)
