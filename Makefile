@@ -1,6 +1,7 @@
 # The README's commands. Each runs the idempotent set-up first (scripts/setup.sh).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test soak bench clean k8s-up k8s-down
 
@@ -18,7 +19,7 @@ soak: setup
 	SANDBOX_KERNELS_SOAK_VM_CYCLES=50 $(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The one-node test cluster (tests start and stop it themselves; these are for poking at it).
 k8s-up:
