@@ -76,9 +76,14 @@ class TestVMLifecycle(LifecycleSuite):
         km, kc = kernel
         await run_cell(kc, "kept = 7", timeout=EXEC_TIMEOUT)
         tunnel = km.provisioner.tunnel
+        ports = dict(km.get_connection_info())
         tunnel._transport.sock.shutdown(2)  # the SSH TCP connection dies under the tunnel
+        # ZMQ reconnects by itself; outputs published before the iopub socket has
+        # resubscribed would be lost (as after any reconnect), so wait for a kernel_info reply.
+        await kc.wait_for_ready(timeout=EXEC_TIMEOUT)
         out = await run_cell(kc, "print(kept)", timeout=EXEC_TIMEOUT)
         assert out["stdout"] == "7\n"
+        assert dict(km.get_connection_info()) == ports, "clients must not see the reconnect"
 
     async def test_memory_snapshot_rollback(self, kernel: Any) -> None:
         from sandbox_kernels.snapshots.service import SnapshotService

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import shlex
 import time
 from abc import abstractmethod
@@ -20,7 +21,7 @@ from ..aio import to_thread
 from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
 from ..provisioning.base import SandboxProvisioner
 from ..ssh.remote import ProcessWatch
-from ..ssh.tunnel import SSHTunnel
+from ..ssh.tunnel import SSHTunnel, reserve_local_port
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 #: Wait (in the remote shell) until the kernel has written its real ports; exit 3 if it died.
@@ -45,6 +46,7 @@ class TunnelledProvisioner(SandboxProvisioner):
         self.pid: int | None = None
         self._remote_ports: dict[str, int] = {}
         self._watch: ProcessWatch | None = None
+        self._reserved: dict[int, socket.socket] = {}
 
     # -- hooks for VM / SSH host ----------------------------------------------------------------
 
@@ -65,6 +67,21 @@ class TunnelledProvisioner(SandboxProvisioner):
         return None
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def configure_transport(self, km: Any) -> None:
+        """TCP on 127.0.0.1, with the five local ports bound now and held for the forwards."""
+        super().configure_transport(km)
+        if not self._local_ports:
+            for ch in CHANNELS:
+                sock = reserve_local_port()
+                port = int(sock.getsockname()[1])
+                self._reserved[port] = sock
+                setattr(km, f"{ch}_port", port)
+
+    def _release_reserved(self) -> None:
+        for sock in self._reserved.values():
+            sock.close()
+        self._reserved.clear()
 
     def sandbox_connection_file(self) -> str:
         """The connection file lives in the remote kernel directory."""
@@ -141,7 +158,7 @@ class TunnelledProvisioner(SandboxProvisioner):
                 if tunnel.forwards[local][1] == ports[ch]:
                     continue
                 tunnel.close_forward(local)
-            tunnel.forward(local, ports[ch])
+            tunnel.forward(local, ports[ch], sock=self._reserved.pop(local, None))
         self._remote_ports = ports
 
     async def _log_tail(self, lines: int = 30) -> str:
@@ -191,6 +208,7 @@ class TunnelledProvisioner(SandboxProvisioner):
 
     async def close_tunnel(self) -> None:
         """Close the SSH connection and every forward (listeners included)."""
+        self._release_reserved()
         if self._watch is not None:
             self._watch.close()
             self._watch = None

@@ -238,7 +238,8 @@ class SSHTunnel(RemoteCommands):
 
     # ------------------------------------------------------------------ forwards
 
-    def forward(self, local_port: int, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+    def forward(self, local_port: int, remote_port: int, remote_host: str = "127.0.0.1",
+                sock: socket.socket | None = None) -> int:
         """Listen on 127.0.0.1:``local_port`` and forward each connection to the remote side.
 
         Connections go to ``remote_host:remote_port`` as seen from the sandbox. The listener
@@ -249,6 +250,8 @@ class SSHTunnel(RemoteCommands):
             local_port: the local port, or 0 to pick a free one.
             remote_port: the port on the sandbox.
             remote_host: the address the sandbox connects to.
+            sock: a listening socket on 127.0.0.1:``local_port`` reserved earlier with
+                :func:`reserve_local_port` (the tunnel takes it over); None binds one now.
 
         Returns:
             The local port.
@@ -262,7 +265,11 @@ class SSHTunnel(RemoteCommands):
         check_port(remote_port, "remote_port")
         if not isinstance(remote_host, str) or not remote_host or "\0" in remote_host:
             raise SandboxConfigError(f"remote_host={remote_host!r} is not a host name")
-        listener = Listener(_listen_local(local_port), remote_host, remote_port)
+        if sock is not None:
+            if sock.getsockname()[:2] != ("127.0.0.1", local_port):
+                raise SandboxConfigError(f"the reserved socket is not 127.0.0.1:{local_port}")
+            sock.setblocking(False)
+        listener = Listener(sock if sock is not None else _listen_local(local_port), remote_host, remote_port)
         with self._lock:
             if self._closing.is_set():
                 listener.sock.close()
@@ -541,6 +548,19 @@ def _check_args(
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SandboxConfigError(f"{name}={value!r} must be a positive number of seconds")
+
+
+def reserve_local_port() -> socket.socket:
+    """A listening socket on a free 127.0.0.1 port, held until a forward takes it over.
+
+    Binding a port only when the sandbox is up (after a VM boot, say) races with everything
+    else on the machine, outgoing connections' ephemeral ports included; holding it open from
+    the start does not.
+
+    Raises:
+        SandboxConnectionError: no port could be bound.
+    """
+    return _listen_local(0)
 
 
 def _listen_local(port: int) -> socket.socket:
