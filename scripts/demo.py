@@ -47,7 +47,7 @@ def main() -> int:
         for line in summary(out):
             print(f"   {line}")
     print("\nTry it in JupyterLab: .venv/bin/jupyter lab --allow-root, open a notebook with the "
-          "'Python (NixOS VM)' kernel, and use the 'Sandbox snapshots' panel in the left sidebar "
+          "'Python (NixOS VM)' kernel, and use the 'Sandbox snapshots' panel in the right sidebar "
           "(URL path /lab; REST API under /sandbox-kernels/api/).")
     return 1 if failures else 0
 

@@ -87,7 +87,7 @@ class RemoteCommands(ABC):
         pid = remote.start_detached(transport, argv, log_path, env, cwd, _remaining(deadline))
         with self._detached_lock:
             self._detached[pid] = log_path
-        self._logger.info("started %r as remote pid %d (log %s)", argv[0], pid, log_path)
+        self._logger.debug("started %r as remote pid %d (log %s)", argv[0], pid, log_path)
         return pid
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600, timeout: float = 60.0) -> None:

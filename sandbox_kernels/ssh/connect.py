@@ -125,6 +125,8 @@ class Connector:
     def _configure(self, transport: paramiko.Transport, timeout: float) -> None:
         transport.name = self.thread_name
         transport.set_log_channel(f"{self.logger.name}.paramiko")
+        # paramiko narrates every handshake at INFO; keep its warnings and errors only.
+        logging.getLogger(f"{self.logger.name}.paramiko").setLevel(logging.WARNING)
         transport.banner_timeout = transport.handshake_timeout = timeout
         transport.auth_timeout = timeout
         transport.get_security_options().key_types = host_key_algorithms(self.pins)

@@ -278,7 +278,7 @@ class SSHTunnel(RemoteCommands):
             self._commands.append(lambda pump: pump.add_listener(listener))
             self._start_thread()
         self._wake()
-        self._logger.info(
+        self._logger.debug(
             "forwarding 127.0.0.1:%d to %s:%d via %s",
             listener.port, remote_host, remote_port, self._target,
         )
