@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import SandboxConnectionError, SandboxError, SandboxNotFound
+from ..ssh.tunnel import listen_local
 
 _READ_SIZE = 1 << 16
 _HIGH_WATER = 1 << 22
@@ -82,7 +83,7 @@ class PortForwarder:
                 sock, _ = self._listeners[local_port]
                 self._listeners[local_port] = (sock, pod_port)
                 return local_port
-            sock = _listen(local_port)
+            sock = listen_local(local_port)
             port = sock.getsockname()[1]
             self._listeners[port] = (sock, pod_port)
             self._selector.register(sock, selectors.EVENT_READ, port)
@@ -243,21 +244,3 @@ def _flush(sock: socket.socket, data: bytearray, timeout: float = 2.0) -> None:
     sock.settimeout(timeout)
     with contextlib.suppress(OSError):
         sock.sendall(bytes(data))
-
-
-def _listen(port: int) -> socket.socket:
-    """A non-blocking socket listening on 127.0.0.1 only.
-
-    Raises:
-        SandboxConnectionError: the port cannot be bound.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise SandboxConnectionError(f"cannot listen on 127.0.0.1:{port}: {e}") from e
-    return sock

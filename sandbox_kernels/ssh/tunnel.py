@@ -269,7 +269,7 @@ class SSHTunnel(RemoteCommands):
             if sock.getsockname()[:2] != ("127.0.0.1", local_port):
                 raise SandboxConfigError(f"the reserved socket is not 127.0.0.1:{local_port}")
             sock.setblocking(False)
-        listener = Listener(sock if sock is not None else _listen_local(local_port), remote_host, remote_port)
+        listener = Listener(sock if sock is not None else listen_local(local_port), remote_host, remote_port)
         with self._lock:
             if self._closing.is_set():
                 listener.sock.close()
@@ -560,10 +560,10 @@ def reserve_local_port() -> socket.socket:
     Raises:
         SandboxConnectionError: no port could be bound.
     """
-    return _listen_local(0)
+    return listen_local(0)
 
 
-def _listen_local(port: int) -> socket.socket:
+def listen_local(port: int) -> socket.socket:
     """A non-blocking socket listening on 127.0.0.1 only.
 
     Raises:
