@@ -443,6 +443,50 @@ def test_reconnects_after_the_connection_drops(tunnel: SSHTunnel, server_port: i
     assert _listening(port) == ["0100007F"]
 
 
+def test_channel_close_failing_on_a_dead_connection_stops_nothing(
+    tunnel: SSHTunnel, server_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: closing a channel whose connection just died raises EOFError in paramiko.
+
+    A real drop produces that only by a narrow race, so the race's outcome is injected.
+    """
+    port = tunnel.forward(0, server_port)
+    calls = []
+
+    def failing_close(channel: paramiko.Channel) -> None:
+        calls.append(channel)
+        raise EOFError()
+
+    with _connect(port) as long_lived:
+        long_lived.sendall(b"echo\nbefore")
+        assert _recv_exactly(long_lived, 6) == b"before"
+        monkeypatch.setattr(paramiko.Channel, "close", failing_close)
+        _drop_connection(tunnel)
+        assert _recv_to_eof(long_lived) == b""
+    _wait_until(lambda: calls, 5, "the pump to close the channel")
+    monkeypatch.undo()
+    assert _echo_once(port, b"after") == b"after"
+    assert tunnel._thread is not None and tunnel._thread.is_alive()
+
+
+def test_repeated_pump_failures_stop_the_thread_loudly(
+    tunnel: SSHTunnel, server_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sandbox_kernels.ssh.pump import Pump
+
+    port = tunnel.forward(0, server_port)
+    assert _echo_once(port) == b"ping"
+
+    def broken(self: Pump, timeout: float, on_accept: object) -> None:
+        raise RuntimeError("pump bug")
+
+    monkeypatch.setattr(Pump, "run_once", broken)
+    tunnel._wake()
+    _wait_until(lambda: not tunnel._thread.is_alive(), 15, "the thread to give up")
+    assert isinstance(tunnel.last_error, RuntimeError)
+    assert "failed 5 times in a row" in caplog.text
+
+
 def test_reconnects_after_sshd_restarts(
     tunnel: SSHTunnel, sshd: SSHServer, server_port: int
 ) -> None:

@@ -298,7 +298,11 @@ class Pump:
                 self._selector.unregister(fd)
                 pair.events[fd] = 0
         pair.sock.close()
-        pair.channel.close()
+        try:
+            pair.channel.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            # The connection died under the channel: there is nothing left to tell the server.
+            pair.broken = True
         self._logger.debug(
             "closed a connection on local port %d (%s)",
             pair.listener.port,

@@ -53,6 +53,7 @@ DEFAULT_MAX_PACKET_SIZE = 128 << 10
 _FIRST_BACKOFF = 0.2
 _MAX_BACKOFF = 5.0
 _LOOP_TIMEOUT = 1.0
+_MAX_LOOP_FAILURES = 5  # consecutive failed pump turns before the thread gives up
 
 
 class SSHTunnel(RemoteCommands):
@@ -423,14 +424,28 @@ class SSHTunnel(RemoteCommands):
     def _run(self) -> None:
         pump = self._pump
         assert pump is not None
+        failures = 0
         try:
             while not self._closing.is_set():
-                self._run_commands(pump)
-                self._keep_connected(pump)
-                pump.run_once(_LOOP_TIMEOUT, self._on_accept)
-        except Exception as e:
-            self._last_error = e
-            self._logger.exception("tunnel thread %s failed; forwards stop", self._name)
+                try:
+                    self._run_commands(pump)
+                    self._keep_connected(pump)
+                    pump.run_once(_LOOP_TIMEOUT, self._on_accept)
+                    failures = 0
+                except Exception as e:
+                    # One bad turn (a paramiko call racing a dying connection, say) must not
+                    # stop every forward: drop the open connections and carry on, unless the
+                    # failure repeats, which means a bug rather than a race.
+                    failures += 1
+                    self._last_error = e
+                    if failures >= _MAX_LOOP_FAILURES:
+                        self._logger.exception("tunnel thread %s failed %d times in a row; forwards stop",
+                                               self._name, failures)
+                        return
+                    self._logger.warning("tunnel thread %s: %s; closing open connections and going on",
+                                         self._name, describe_error(e), exc_info=True)
+                    pump.close_pairs()
+                    self._closing.wait(0.1 * failures)
         finally:
             pump.close()
 
