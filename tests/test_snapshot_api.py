@@ -62,6 +62,8 @@ async def test_docker_filesystem_round_trip(jp_fetch: Any, jp_serverapp: Any) ->
         assert listing["kinds"] == ["filesystem"] and "memory" in listing["note"]
         result = await _api(jp_fetch, "kernels", kid, "snapshots", "s1", "rollback", method="POST")
         assert result["kernel_restarted"] is True
+        model = json.loads((await jp_fetch("api", "kernels", kid)).body)
+        assert model["execution_state"] == "idle", "the server must not show the restarted kernel as starting"
         await kc.wait_for_ready(timeout=60)
         out = await run_cell(kc, "import os\nprint(os.path.exists('before.txt'), os.path.exists('after.txt'), 'y' in globals())")
         assert out["stdout"] == "True False False\n", out
@@ -167,8 +169,12 @@ def test_cli_snapshot_on_a_papermill_style_kernel(jp_asyncio_loop: Any) -> None:
 
 
 @pytest.mark.vm
-async def test_vm_memory_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
-    """x = 1, snapshot, y = 2 and a file, roll back: x is back, y and the file are gone."""
+async def test_vm_memory_and_disk_round_trips(jp_fetch: Any, jp_serverapp: Any) -> None:
+    """x = 1, snapshot, y = 2 and a file, roll back: x is back, y and the file are gone.
+
+    Then a disk snapshot and its rollback (kernel restarted, files back), and the memory
+    snapshot again after that.
+    """
     kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-nixos-vm")
     try:
         await run_cell(kc, "x = 1", timeout=240)
@@ -182,6 +188,32 @@ async def test_vm_memory_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
         assert out["stdout"] == "True False False\n", out
         model = json.loads((await jp_fetch("api", "kernels", kid)).body)
         assert model["id"] == kid and model["execution_state"] != "dead"
+
+        # Disk only: cheaper; the rollback boots the VM again and restarts the kernel.
+        await run_cell(kc, "open('kept.txt', 'w').write('k')", timeout=240)
+        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "d1", "kind": "disk"})
+        assert snap["kind"] == "disk"
+        await run_cell(kc, "z = 3\nopen('z.txt', 'w').write('z')", timeout=240)
+        result = await _api(jp_fetch, "kernels", kid, "snapshots", "d1", "rollback", method="POST")
+        assert result["kernel_restarted"] is True and result["kind"] == "disk"
+        model = json.loads((await jp_fetch("api", "kernels", kid)).body)
+        assert model["execution_state"] == "idle"
+        await kc.wait_for_ready(timeout=240)
+        out = await run_cell(kc, "import os\nprint('x' in globals(), os.path.exists('kept.txt'), os.path.exists('z.txt'))",
+                             timeout=240)
+        assert out["stdout"] == "False True False\n", out
+        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        assert [(s["name"], s["kind"]) for s in listing["snapshots"]] == [("before", "memory"), ("d1", "disk")]
+        assert listing["kinds"] == ["memory", "disk"]
+
+        # The memory snapshot taken before the disk rollback still returns to its moment.
+        result = await _api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
+        assert result["kernel_restarted"] is False
+        out = await run_cell(kc, "import os\nprint('x' in globals(), os.path.exists('kept.txt'))", timeout=240)
+        assert out["stdout"] == "True False\n", out
+        await _api(jp_fetch, "kernels", kid, "snapshots", "d1", method="DELETE")
+        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        assert [s["name"] for s in listing["snapshots"]] == ["before"]
     finally:
         kc.stop_channels()
         await jp_fetch("api", "kernels", kid, method="DELETE", request_timeout=120)

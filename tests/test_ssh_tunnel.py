@@ -470,21 +470,28 @@ def test_channel_close_failing_on_a_dead_connection_stops_nothing(
 
 
 def test_repeated_pump_failures_stop_the_thread_loudly(
-    tunnel: SSHTunnel, server_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tunnel: SSHTunnel, server_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sandbox_kernels.ssh.pump import Pump
 
     port = tunnel.forward(0, server_port)
     assert _echo_once(port) == b"ping"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    tunnel._logger.addHandler(handler)
 
     def broken(self: Pump, timeout: float, on_accept: object) -> None:
         raise RuntimeError("pump bug")
 
-    monkeypatch.setattr(Pump, "run_once", broken)
-    tunnel._wake()
-    _wait_until(lambda: not tunnel._thread.is_alive(), 15, "the thread to give up")
+    try:
+        monkeypatch.setattr(Pump, "run_once", broken)
+        tunnel._wake()
+        _wait_until(lambda: not tunnel._thread.is_alive(), 15, "the thread to give up")
+    finally:
+        tunnel._logger.removeHandler(handler)
     assert isinstance(tunnel.last_error, RuntimeError)
-    assert "failed 5 times in a row" in caplog.text
+    assert any("failed 5 times in a row" in r.getMessage() for r in records)
 
 
 def test_reconnects_after_sshd_restarts(

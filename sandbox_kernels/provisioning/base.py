@@ -103,6 +103,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._idle = asyncio.Event()
         self._idle.set()
         self._sandbox_env: dict[str, str] = {}
+        self._last_cmd: list[str] = []  # the kernel command, for restarts a rollback makes
         self._local_ports: dict[str, int] = {}
         self._state_dir: Path | None = None
         self._control: ControlServer | None = None
@@ -226,6 +227,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.log.info("Starting %s sandbox %s", self.runtime, self.sandbox_name)
             await self.create_sandbox()
             self._sandbox_ready = True
+        self._last_cmd = cmd
         await self.start_kernel(cmd, self._sandbox_env)
         await self.wait_ready()
 

@@ -92,7 +92,6 @@ class DockerProvisioner(SandboxProvisioner):
         self._engine: DockerEngine | None = None
         self.container_id: str | None = None
         self._current_image: str | None = None  # a snapshot's image after a rollback
-        self._last_cmd: list[str] = []
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -178,7 +177,6 @@ class DockerProvisioner(SandboxProvisioner):
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
         """Write the connection file, then start the existing container or create one."""
-        self._last_cmd = cmd
         path = self.state_dir / _CONNECTION_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -3,8 +3,8 @@
 Each kernel gets a copy-on-write overlay of the base image, a seed disk with fresh per-kernel
 SSH keys (client key, and the guest host key that is pinned), direct kernel boot, and QEMU
 user-mode networking whose only way in is the guest's port 22 forwarded to 127.0.0.1. The
-kernel is then started and reached over SSH exactly as on an SSH host. Snapshots are libvirt
-internal snapshots of the running domain, memory included.
+kernel is then started and reached over SSH exactly as on an SSH host. Snapshots are internal
+qcow2 snapshots: of the running domain with its memory (libvirt), or of its disks alone.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from traitlets import Bool, Float, Int, List, Unicode, default, validate
@@ -28,7 +29,7 @@ from ..settings import check_name, env_default
 from ..snapshots.model import Capabilities, Snapshot
 from ..ssh.keys import create_sandbox_keys, load_private_key
 from ..ssh.tunnel import SSHTunnel
-from ..vm import overlay
+from ..vm import disk_snapshots, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
@@ -234,7 +235,8 @@ class LibvirtProvisioner(TunnelledProvisioner):
         await to_thread(host.start, spec)
         await self._wait_for_ssh(console)
 
-    async def _wait_for_ssh(self, console: Path) -> None:
+    async def _wait_for_ssh(self, console: Path, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Wait until ``connect`` succeeds (default: open the tunnel) once the guest is up."""
         deadline = time.monotonic() + self.ssh_ready_timeout
         host = await self._libvirt()
         last: Exception | None = None
@@ -247,7 +249,10 @@ class LibvirtProvisioner(TunnelledProvisioner):
                 raise SandboxStartError(f"the VM stopped during boot (state {state}). Console:\n{_tail(console)}")
             if "SANDBOX-READY" in text or "sshd" in text:
                 try:
-                    self.tunnel = await self.open_tunnel()
+                    if connect is None:
+                        self.tunnel = await self.open_tunnel()
+                    else:
+                        await connect()
                     return
                 except SandboxError as e:
                     last = e
@@ -329,14 +334,19 @@ class LibvirtProvisioner(TunnelledProvisioner):
         self.ssh_port = state.get("ssh_port")
         self._keys = state.get("keys", {})
 
-    # -- snapshots: internal libvirt snapshots of the running domain, memory included ---------
+    # -- snapshots ------------------------------------------------------------------------------
+    # "memory": a libvirt internal snapshot of the running domain; rollback resumes it.
+    # "disk": an internal snapshot of the writable disks alone (vm/disk_snapshots.py); rollback
+    # boots the VM again from the restored disks and starts the kernel afresh.
 
     def snapshot_capabilities(self) -> Capabilities:
-        """Memory snapshots (live)."""
+        """Memory snapshots (live, the default) and disk-only snapshots."""
         return Capabilities(
-            kinds=["memory"], default_kind="memory",
-            note="VM snapshots capture the whole machine, memory included: a rollback returns "
-                 "the kernel to that moment without restarting it.",
+            kinds=["memory", "disk"], default_kind="memory",
+            note="A memory snapshot captures the whole machine, memory included: a rollback "
+                 "returns the kernel to that moment without restarting it. A disk snapshot is "
+                 "cheaper and keeps the disks only: a rollback boots the VM again on them and "
+                 "restarts the kernel (variables are not kept).",
         )
 
     def _meta_path(self) -> Path:
@@ -351,28 +361,42 @@ class LibvirtProvisioner(TunnelledProvisioner):
         self._meta_path().write_text(json.dumps(meta))
 
     async def snapshot_list(self) -> list[Snapshot]:
-        """Snapshots libvirt has for the domain, with our metadata."""
+        """The snapshots libvirt (memory) and the disk images (disk) have, with our metadata."""
         meta = self._snapshot_meta()
         host = await self._libvirt()
-        names = await to_thread(host.snapshot_list, self.sandbox_name)
-        return [Snapshot(name=n, kind="memory", created=meta[n]["created"], size=None,
-                         keep=bool(meta[n].get("keep"))) for n in names if n in meta]
+        present = set(await to_thread(host.snapshot_list, self.sandbox_name))
+        if any(m.get("kind") == "disk" for m in meta.values()):
+            present |= await to_thread(disk_snapshots.names, host, self.sandbox_name)
+        return [Snapshot(name=n, kind=m.get("kind", "memory"), created=m["created"], size=None,
+                         keep=bool(m.get("keep"))) for n, m in meta.items() if n in present]
 
     async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
-        """Internal snapshot with memory; records the kernel's pid and ports at that moment."""
+        """A memory snapshot (recording the kernel's pid and ports) or a disk-only one."""
         host = await self._libvirt()
-        snap = Snapshot(name=name, kind="memory", keep=keep)
-        await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, name, True),
-                               self.job_completion_timeout)
+        snap = Snapshot(name=name, kind=kind, keep=keep)
+        entry: dict[str, Any] = snap.to_dict()
+        if kind == "disk":
+            # Crash-consistent at least: flush the guest's page cache first.
+            tunnel = await self._tunnel_ready()
+            await self._remote(tunnel.run, ["sync"], None, self.job_completion_timeout)
+            entry["files"] = await asyncio.wait_for(
+                to_thread(disk_snapshots.create, host, self.sandbox_name, name), self.job_completion_timeout)
+        else:
+            await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, name, True),
+                                   self.job_completion_timeout)
+            entry.update(pid=self.pid, ports=self._remote_ports)
         meta = self._snapshot_meta()
-        meta[name] = {**snap.to_dict(), "pid": self.pid, "ports": self._remote_ports}
+        meta[name] = entry
         self._save_meta(meta)
         return snap
 
     async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
-        """Revert the running domain, then re-establish SSH and the forwards."""
-        host = await self._libvirt()
+        """Revert to the snapshot; returns whether the kernel was restarted (disk kind)."""
         meta = self._snapshot_meta()[snapshot.name]
+        if snapshot.kind == "disk":
+            await self._rollback_disk(snapshot.name, meta["files"])
+            return True
+        host = await self._libvirt()
         await asyncio.wait_for(to_thread(host.snapshot_revert, self.sandbox_name, snapshot.name),
                                self.job_completion_timeout)
         tunnel = await self._tunnel_ready()
@@ -384,10 +408,38 @@ class LibvirtProvisioner(TunnelledProvisioner):
             await to_thread(self._forward, tunnel, ports)
         return False
 
-    async def snapshot_delete(self, snapshot: Snapshot) -> None:
-        """Delete the internal snapshot."""
+    async def _rollback_disk(self, name: str, files: list[str]) -> None:
+        """Power the VM off, restore its disks, boot it again and start the kernel.
+
+        The domain comes back with the same configuration (ports, seed, keys), so the tunnel
+        and its local ports stay; libvirt's memory-snapshot metadata, which a transient
+        domain loses when it stops, is given back (the snapshots themselves are in the images).
+        """
         host = await self._libvirt()
-        await to_thread(host.snapshot_delete, self.sandbox_name, snapshot.name)
+        xml = await to_thread(host.restart_xml, self.sandbox_name)
+        memory_snapshots = await to_thread(host.snapshot_xmls, self.sandbox_name)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self.pid = None
+        await to_thread(host.destroy, self.sandbox_name)
+        await to_thread(disk_snapshots.apply, files, name, self.job_completion_timeout)
+        console = self.state_dir / "console.log"
+        await to_thread(host.start_xml, self.sandbox_name, xml)
+        if memory_snapshots:
+            await to_thread(host.snapshot_redefine, self.sandbox_name, memory_snapshots)
+        tunnel = await self._tunnel_ready()
+        await self._wait_for_ssh(console, lambda: to_thread(tunnel.reconnect, 10))
+        await self.start_kernel(self._last_cmd, self._sandbox_env)
+        await self.wait_ready()
+
+    async def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """Delete the snapshot from libvirt (memory) or from the disk images (disk)."""
+        host = await self._libvirt()
+        if snapshot.kind == "disk":
+            await to_thread(disk_snapshots.delete, host, self.sandbox_name, snapshot.name)
+        else:
+            await to_thread(host.snapshot_delete, self.sandbox_name, snapshot.name)
         meta = self._snapshot_meta()
         meta.pop(snapshot.name, None)
         self._save_meta(meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,47 @@ class SnapshotService:
             started = time.monotonic()
             async with self.provisioner.busy():
                 restarted = await self.provisioner.snapshot_rollback(snap)
+            if restarted:
+                await self._settle_restarted_kernel()
             return RollbackResult(name, snap.kind, restarted, round(time.monotonic() - started, 3))
+
+    async def _settle_restarted_kernel(self, timeout: float = 60.0) -> None:
+        """Ask the restarted kernel for kernel_info until its manager has seen it go idle.
+
+        A kernel that starts publishes "starting" and nothing more until it gets a request;
+        jupyter_server shows that state (and JupyterLab a busy kernel) until then. The reply's
+        busy/idle pair settles it; it is asked again if the server's iopub stream had not
+        reconnected in time to see the pair.
+        """
+        km = getattr(self.provisioner, "parent", None)
+        if km is None or not hasattr(km, "client"):
+            return
+        from jupyter_client.session import Session
+
+        # A session of its own: clients sharing the manager's session share its ZMQ identity,
+        # and the kernel's shell socket answers only one of them.
+        session = Session(key=km.session.key, signature_scheme=km.session.signature_scheme)
+        kc = km.client(session=session)
+        kc.start_channels()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                ready = kc.wait_for_ready(timeout=timeout)
+                if inspect.isawaitable(ready):
+                    await ready
+                if getattr(km, "execution_state", "idle") != "starting":
+                    return
+                if time.monotonic() > deadline:
+                    self.provisioner.log.warning(
+                        "Kernel %s answers after the rollback, but the server still shows it "
+                        "starting", self.provisioner.kernel_id)
+                    return
+                await asyncio.sleep(0.5)
+        except RuntimeError as e:  # jupyter_client's "Kernel didn't respond" / "died"
+            self.provisioner.log.warning("Kernel %s did not answer after the rollback: %s",
+                                         self.provisioner.kernel_id, e)
+        finally:
+            kc.stop_channels()
 
     async def delete(self, name: str) -> None:
         """Delete snapshot ``name``.
@@ -101,8 +142,6 @@ class SnapshotService:
 
 def _generated_name() -> str:
     return dt.datetime.now().strftime("snap-%Y%m%d-%H%M%S-%f")[:-3]
-
-
 
 
 def _lock_for(provisioner: Any) -> asyncio.Lock:

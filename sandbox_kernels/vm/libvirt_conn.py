@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -270,6 +271,50 @@ class LibvirtHost:
         gids = {gid, entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
         return entry.pw_uid, sorted(gids)
 
+    def restart_xml(self, name: str) -> str:
+        """The domain's XML in the form that recreates it (``VIR_DOMAIN_XML_MIGRATABLE``).
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("reading the VM XML", name):
+            return str(dom.XMLDesc(self._libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+
+    def start_xml(self, name: str, xml: str) -> None:
+        """Start a transient domain from ``xml`` (as :meth:`restart_xml` returned it).
+
+        Raises:
+            SandboxStartError: libvirt or QEMU refused to start it.
+            SandboxUnavailable: libvirtd is not reachable.
+        """
+        conn = self.connect()
+        try:
+            conn.createXML(xml, 0)
+        except self._libvirt.libvirtError as e:
+            error = self._translate(e, "starting the VM again", name)
+            if type(error) is SandboxError:
+                error = SandboxStartError(f"{error}{_access_hint(_message(e))}")
+            raise error from e
+
+    def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on the domain's QEMU and return its ``return`` value.
+
+        For what libvirt does not offer on a running domain (internal disk-only snapshots).
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: QEMU refused the command (its message is included).
+        """
+        qemu = require("libvirt_qemu", "libvirt")
+        dom = self._lookup(name)
+        request = json.dumps({"execute": command, "arguments": arguments or {}})
+        with self._errors(f"QEMU command {command}", name):
+            reply = json.loads(qemu.qemuMonitorCommand(dom, request, 0))
+        if "error" in reply:
+            raise SandboxError(f"QEMU command {command} ({name}): {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
     # -- snapshots -------------------------------------------------------------------------
 
     def snapshot_create(self, name: str, snapshot: str, memory: bool = True,
@@ -309,6 +354,33 @@ class LibvirtHost:
         dom = self._lookup(name)
         with self._errors(f"deleting snapshot {snapshot!r}", name):
             dom.snapshotLookupByName(snapshot, 0).delete(0)
+
+    def snapshot_xmls(self, name: str) -> list[str]:
+        """Each snapshot's metadata XML, oldest first, for :meth:`snapshot_redefine`.
+
+        A transient domain's snapshot metadata goes with the domain; the snapshots themselves
+        stay in the qcow2 files.
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("reading snapshot metadata", name):
+            snaps = sorted(dom.listAllSnapshots(0), key=_creation_time)
+            return [str(s.getXMLDesc(self._libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)) for s in snaps]
+
+    def snapshot_redefine(self, name: str, xmls: list[str]) -> None:
+        """Give domain ``name`` back the snapshot metadata :meth:`snapshot_xmls` returned.
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: libvirt refused the metadata.
+        """
+        dom = self._lookup(name)
+        libvirt = self._libvirt
+        with self._errors("restoring snapshot metadata", name):
+            for xml in xmls:
+                dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
     def snapshot_list(self, name: str) -> list[str]:
         """Snapshot names of domain ``name``, oldest first.
