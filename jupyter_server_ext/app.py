@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool
 
 from .handlers import handlers
 
@@ -14,6 +17,28 @@ class SandboxKernelsExtension(ExtensionApp):
     extension_url = "/sandbox-kernels/api/runtimes"
     load_other_extensions = True
 
+    reap_on_start = Bool(True, config=True, help=(
+        "At start-up, remove in the background the sandboxes (containers, VMs, pods, overlays) "
+        "that a Jupyter server or papermill process of this host left behind when it died "
+        "(what `sandbox-kernels reap --yes` removes). Sandboxes of live processes are never "
+        "touched."))
+
     def initialize_handlers(self) -> None:
         """Called by jupyter_server when the extension loads."""
         self.handlers.extend(handlers())
+
+    def initialize_settings(self) -> None:
+        """Start the background reap of a dead server's sandboxes (see ``reap_on_start``)."""
+        if self.reap_on_start:
+            threading.Thread(target=self._reap, name="sandbox-kernels-reap", daemon=True).start()
+
+    def _reap(self) -> None:
+        from sandbox_kernels.reap import reap
+
+        try:
+            removed = reap()
+        except Exception as e:  # never let a clean-up problem take the server down
+            self.log.warning("sandbox-kernels: reaping orphaned sandboxes failed: %s", e)
+            return
+        for line in removed:
+            self.log.warning("sandbox-kernels: %s (its owner process is gone)", line)

@@ -2,7 +2,7 @@
 
 Everything we create carries owner labels (host and pid of the Jupyter server or papermill
 process that started it). After a crash those processes are gone and their containers,
-domains, overlays and state directories are orphans. ``reap`` lists them (dry run, the
+domains, pods, overlays and state directories are orphans. ``reap`` lists them (dry run, the
 default) or removes them (``--yes``). Sandboxes of live owners are never touched.
 """
 
@@ -28,6 +28,7 @@ class Orphan:
     kind: str
     name: str
     remove: Callable[[], None]
+    kernel_id: str = ""  # whose files may go as soon as this is removed
 
 
 def _containers() -> list[Orphan]:
@@ -42,7 +43,8 @@ def _containers() -> list[Orphan]:
         if not labels.owner_alive(row.get("Labels") or {}):
             cid = row["Id"]
             found.append(Orphan("container", f"{row['Names'][0].lstrip('/')} ({cid[:12]})",
-                                lambda cid=cid: engine.remove(cid)))
+                                lambda cid=cid: engine.remove(cid),
+                                (row.get("Labels") or {}).get(labels.KERNEL_ID, "")))
     return found
 
 
@@ -57,11 +59,48 @@ def _domains() -> list[Orphan]:
     found = []
     for name in names:
         if not labels.owner_alive(host.labels(name)):
-            found.append(Orphan("domain", name, lambda name=name: host.destroy(name)))
+            found.append(Orphan("domain", name, lambda name=name: host.destroy(name),
+                                name[len(labels.DOMAIN_PREFIX):]))
     return found
 
 
-def _directories(live_kernels: set[str], min_age: float) -> list[Orphan]:
+def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
+    """Kernel pods in ``namespace`` whose owner ran on this host and is gone.
+
+    Nothing is listed when no Kubernetes configuration exists or the cluster does not answer.
+    """
+    import socket
+
+    from .k8s.manifest import k8s_labels
+
+    try:
+        from .k8s.api import KubeAPI
+
+        api = KubeAPI(namespace, kubeconfig, request_timeout=10)
+        pods = api.list_pods(f"{labels.PREFIX}/kernel-id")
+    except SandboxError:
+        return []
+    here = k8s_labels({labels.OWNER_HOST: socket.gethostname()})[f"{labels.PREFIX}/owner-host"]
+    found = []
+    for pod in pods:
+        pod_labels = pod.metadata.labels or {}
+        if pod_labels.get(f"{labels.PREFIX}/owner-host") != here:
+            continue  # another host's: never ours to judge
+        owner = {labels.OWNER_HOST: socket.gethostname(),
+                 labels.OWNER_PID: pod_labels.get(f"{labels.PREFIX}/owner-pid", "0")}
+        if not labels.owner_alive(owner):
+            name = pod.metadata.name
+            found.append(Orphan("pod", f"{namespace}/{name}", lambda name=name: api.delete_pod(name),
+                                pod_labels.get(f"{labels.PREFIX}/kernel-id", "")))
+    return found
+
+
+def _directories(live_kernels: set[str], min_age: float, orphaned: frozenset[str] | set[str] = frozenset()) -> list[Orphan]:
+    """State and overlay directories of kernels that are not live.
+
+    Those of ``orphaned`` kernels (whose sandbox was just reaped) go at once; others only
+    once older than ``min_age``.
+    """
     found = []
     roots = [("state", Path(default_state_root())), ("overlay", cache_dir() / "ephemeral")]
     for kind, root in roots:  # orphans' files go once their domain or container is gone
@@ -70,7 +109,8 @@ def _directories(live_kernels: set[str], min_age: float) -> list[Orphan]:
         for entry in root.iterdir():
             # A kernel being created has files before its domain or socket exists: spare
             # anything younger than min_age.
-            if entry.is_dir() and entry.name not in live_kernels and _age(entry) >= min_age:
+            old_enough = entry.name in orphaned or _age(entry) >= min_age
+            if entry.is_dir() and entry.name not in live_kernels and old_enough:
                 found.append(Orphan(kind, str(entry), lambda p=entry: shutil.rmtree(p, ignore_errors=True)))
     return found
 
@@ -82,13 +122,19 @@ def _age(path: Path) -> float:
         return 0.0
 
 
-def find_orphans(min_age: float = 600.0) -> list[Orphan]:
-    """Orphaned containers, domains, overlays and state directories on this host.
+def find_orphans(min_age: float = 600.0, namespace: str = "", kubeconfig: str = "") -> list[Orphan]:
+    """Orphaned containers, domains, pods, overlays and state directories of this host.
 
     A directory is kept while its kernel's control socket answers or any domain or container
-    for its kernel id still exists (an orphaned one is reaped first, then its files).
+    for its kernel id still exists (an orphaned one is reaped first, then its files). Pods are
+    looked for in ``namespace`` (default: SANDBOX_K8S_NAMESPACE, else "default") of the
+    cluster ``kubeconfig`` names (default: SANDBOX_K8S_KUBECONFIG, $KUBECONFIG, ~/.kube/config).
     """
-    orphans = _containers() + _domains()
+    import os
+
+    namespace = namespace or os.environ.get("SANDBOX_K8S_NAMESPACE", "") or "default"
+    kubeconfig = kubeconfig or os.environ.get("SANDBOX_K8S_KUBECONFIG", "")
+    orphans = _containers() + _domains() + _pods(namespace, kubeconfig)
     orphans += _directories(_live_kernels() | _existing_sandbox_ids(), min_age)
     return orphans
 
@@ -135,26 +181,39 @@ def _socket_answers(path: Path) -> bool:
     return True
 
 
+def reap(min_age: float = 600.0, namespace: str = "", kubeconfig: str = "") -> list[str]:
+    """Remove every orphan (then the files that removal freed); return what was removed.
+
+    Errors removing one orphan are reported in the list and do not stop the others.
+    """
+    done, reaped = [], set()
+    for orphan in find_orphans(min_age, namespace, kubeconfig):
+        try:
+            orphan.remove()
+            done.append(f"removed {orphan.kind} {orphan.name}")
+            if orphan.kernel_id:
+                reaped.add(orphan.kernel_id)
+        except SandboxError as e:
+            done.append(f"could not remove {orphan.kind} {orphan.name}: {e}")
+    # The files of the sandboxes just removed (and any others old enough) go now.
+    for orphan in _directories(_live_kernels() | _existing_sandbox_ids(), min_age, reaped):
+        orphan.remove()
+        done.append(f"removed {orphan.kind} {orphan.name}")
+    return done
+
+
 def _run(args: argparse.Namespace) -> int:
-    orphans = find_orphans(args.min_age)
+    orphans = find_orphans(args.min_age, args.namespace, args.kubeconfig)
     if not orphans:
         print("nothing to reap")
         return 0
-    for orphan in orphans:
-        if args.yes:
-            try:
-                orphan.remove()
-                print(f"removed {orphan.kind} {orphan.name}")
-            except SandboxError as e:
-                print(f"could not remove {orphan.kind} {orphan.name}: {e}")
-        else:
-            print(f"would remove {orphan.kind} {orphan.name}")
-    if not args.yes:
-        print("dry run: add --yes to remove them (files of orphaned VMs and containers too)")
+    if args.yes:
+        for line in reap(args.min_age, args.namespace, args.kubeconfig):
+            print(line)
         return 0
-    for orphan in find_orphans(args.min_age):  # files freed by removing their domain or container
-        orphan.remove()
-        print(f"removed {orphan.kind} {orphan.name}")
+    for orphan in orphans:
+        print(f"would remove {orphan.kind} {orphan.name}")
+    print("dry run: add --yes to remove them (files of orphaned VMs and containers too)")
     return 0
 
 
@@ -164,4 +223,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--yes", action="store_true", help="really remove them")
     p.add_argument("--min-age", type=float, default=600.0, metavar="SECONDS",
                    help="spare directories younger than this (a kernel may be starting); default 600")
+    p.add_argument("--namespace", default="", help="Kubernetes namespace of kernel pods "
+                   "(default: SANDBOX_K8S_NAMESPACE, else 'default')")
+    p.add_argument("--kubeconfig", default="", help="kubeconfig of the cluster "
+                   "(default: SANDBOX_K8S_KUBECONFIG, $KUBECONFIG, ~/.kube/config)")
     p.set_defaults(func=_run)

@@ -100,3 +100,52 @@ async def test_read_only_root_keeps_workdir_writable(kernelspec_dir: Any) -> Non
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
     assert not _containers(km.kernel_id)
+
+
+async def test_engine_restart_is_survived() -> None:
+    """dockerd stops (taking the container down) and starts again: the kernel is reported dead
+    while the engine is away, and the restarter brings it back in the same container.
+
+    Runs before the Kubernetes tests (file order): their test cluster's pods live on this
+    engine and would not survive the restart.
+    """
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
+
+    from lifecycle import wait_until
+
+    km, kc = await start("sandbox-docker", timeout=60)
+    restarts: list[str] = []
+    restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
+    restarter.add_callback(lambda: restarts.append("restart"), "restart")
+    try:
+        await run_cell(kc, "before = 1")
+        (cid,) = _containers(km.kernel_id)
+        pid = int(subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True,
+                                 check=True).stdout.split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(f"/proc/{pid}").exists(), "dockerd did not stop"
+        assert await km.provisioner.poll() is not None, "a kernel whose engine is gone must poll dead"
+        script = Path(__file__).resolve().parents[1] / "scripts" / "daemons.sh"
+        subprocess.run(["bash", str(script)], check=True, capture_output=True, timeout=120)
+        restarter.start()
+
+        async def restarted() -> bool:
+            return bool(restarts)
+
+        assert await wait_until(restarted, timeout=60), "no auto-restart after the engine came back"
+        await kc.wait_for_ready(timeout=120)
+        out = await run_cell(kc, "print('before' in globals())")
+        assert out["stdout"] == "False\n"
+        assert _containers(km.kernel_id) == [cid], "the restart reuses the container"
+    finally:
+        restarter.stop()
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)

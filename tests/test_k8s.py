@@ -209,3 +209,29 @@ async def test_api_server_restart_keeps_the_kernel(k8s_cluster: str) -> None:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
     assert not _pods(km.kernel_id)
+
+
+def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
+    """SIGKILL the process that owns a kernel pod; `sandbox-kernels reap` finds and deletes it."""
+    import signal
+    import sys
+
+    from test_reliability import _OWNER
+
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, "sandbox-k8s"], stdout=subprocess.PIPE, text=True)
+    try:
+        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
+        assert kernel_id and _pods(kernel_id)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    reap = [str(Path(sys.executable).parent / "sandbox-kernels"), "reap", "--min-age", "0"]
+    dry = subprocess.run(reap, capture_output=True, text=True, check=True, timeout=120)
+    assert f"would remove pod {NAMESPACE}/" in dry.stdout and _pods(kernel_id), dry.stdout
+    real = subprocess.run([*reap, "--yes"], capture_output=True, text=True, check=True, timeout=120)
+    assert f"removed pod {NAMESPACE}/" in real.stdout, real.stdout
+    deadline = time.monotonic() + 60
+    while _pods(kernel_id) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _pods(kernel_id)
+    assert not (Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id).exists(), real.stdout

@@ -17,6 +17,23 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
+def orphan_kernel() -> str:
+    """A Docker kernel whose owning process was SIGKILLed (what a crashed server leaves)."""
+    import signal
+
+    from test_reliability import _OWNER, _containers
+
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, "sandbox-docker"], stdout=subprocess.PIPE, text=True)
+    try:
+        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
+        assert kernel_id and _containers(kernel_id)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    return kernel_id
+
+
+@pytest.fixture
 def jp_server_config() -> dict[str, Any]:
     return {"ServerApp": {"jpserver_extensions": {"jupyter_server_ext": True}}}
 
@@ -81,6 +98,16 @@ async def test_docker_filesystem_round_trip(jp_fetch: Any, jp_serverapp: Any) ->
     assert not images, "snapshots of a deleted kernel must be removed"
 
 
+async def _login_cookies(jp_fetch: Any, jp_serverapp: Any) -> str:
+    """Log in as a browser does (token in the URL once) and return the session cookies."""
+    token = jp_serverapp.identity_provider.token
+    r = await jp_fetch("tree", params={"token": token}, headers={"Authorization": ""}, follow_redirects=False,
+                       raise_error=False)
+    cookies = [c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie")]
+    assert any(c.startswith("username-") for c in cookies), r.headers
+    return "; ".join(cookies)
+
+
 @pytest.mark.docker
 async def test_bad_requests(jp_fetch: Any, jp_serverapp: Any) -> None:
     assert (await _status(jp_fetch, "kernels", "nope", "snapshots"))[0] == 404
@@ -99,6 +126,18 @@ async def test_bad_requests(jp_fetch: Any, jp_serverapp: Any) -> None:
         assert code == 413
         assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", "rollback", method="POST"))[0] == 404
         assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", method="DELETE"))[0] == 404
+        # A page on another origin riding on the user's login cookie is refused before anything runs.
+        cookies = await _login_cookies(jp_fetch, jp_serverapp)
+        ok = await jp_fetch("sandbox-kernels", "api", "kernels", kid, "snapshots",
+                            headers={"Authorization": "", "Cookie": cookies})
+        assert ok.code == 200, "the login cookie alone authenticates a same-origin read"
+        for headers in ({"Origin": "http://evil.example", "Cookie": cookies},  # cross-origin
+                        {"Cookie": cookies}):  # same origin but no XSRF token
+            with pytest.raises(HTTPClientError) as info:
+                await jp_fetch("sandbox-kernels", "api", "kernels", kid, "snapshots", method="POST",
+                               body=json.dumps({"name": "evil"}), headers={"Authorization": "", **headers})
+            assert info.value.code in (403, 404), headers
+        assert (await _api(jp_fetch, "kernels", kid, "snapshots"))["snapshots"] == []
     finally:
         kc.stop_channels()
         await jp_fetch("api", "kernels", kid, method="DELETE")
@@ -217,3 +256,20 @@ async def test_vm_memory_and_disk_round_trips(jp_fetch: Any, jp_serverapp: Any) 
     finally:
         kc.stop_channels()
         await jp_fetch("api", "kernels", kid, method="DELETE", request_timeout=120)
+
+
+@pytest.mark.docker
+async def test_server_start_reaps_a_dead_servers_sandboxes(orphan_kernel: str, jp_serverapp: Any) -> None:
+    """The extension removes, in the background, what a killed server of this host left."""
+    import asyncio
+    import os
+    import time
+
+    from test_reliability import _containers
+
+    state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / orphan_kernel
+    deadline = time.monotonic() + 60
+    while (_containers(orphan_kernel) or state.exists()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert not _containers(orphan_kernel), "the orphaned container must be reaped at server start"
+    assert not state.exists(), "and its state directory"

@@ -147,8 +147,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def has_process(self) -> bool:
-        """Whether a kernel was launched and not yet cleaned up (read by ``KernelManager``)."""
-        return self._has_process
+        """Whether a kernel was launched and not yet cleaned up (read by ``KernelManager``).
+
+        True during a restart too: ``KernelManager.is_alive()`` asks this first, and clients
+        waiting for the restarted kernel must not conclude that it died.
+        """
+        return self._has_process or self._restarting
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Validate settings, write the connection file and build the command and env.
@@ -237,9 +241,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         Called from ``KernelManager.is_alive()`` and the restarter. While a snapshot or
         rollback is in progress the kernel is reported alive.
         """
+        if self._restarting:
+            return None
         if not self._has_process:
             return 0
-        if self._busy or self._restarting:
+        if self._busy:
             return None
         try:
             return await self.kernel_exit_code()
@@ -292,6 +298,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return
         self._has_process = False
         await _shielded(self._teardown())
+        if restart:
+            # A new sandbox follows at once (the old one is gone, or fresh ones are asked
+            # for): as above, clients must not conclude the kernel died meanwhile.
+            self._restarting = True
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """Add the runtime's state so another server process can re-attach (see ``reap``)."""

@@ -38,6 +38,23 @@ def criu_status(engine: DockerEngine) -> str:
 
     if not shutil.which("criu"):
         return "unavailable (criu is not installed); snapshots keep files only"
+    problem = _criu_check()
+    if problem:
+        return f"unavailable (`criu check` fails on this host: {problem}); snapshots keep files only"
     if not engine.client.info().get("ExperimentalBuild"):
         return "unavailable (the engine is not in experimental mode, needed for checkpoints)"
-    return "CRIU found and the engine is experimental (not used by this version)"
+    return "CRIU works and the engine is experimental (not used by this version)"
+
+
+def _criu_check() -> str:
+    """The first error line of ``criu check``, or "" when it passes."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["criu", "check"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if done.returncode == 0:
+        return ""
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return lines[0].strip() if lines else f"exit code {done.returncode}"

@@ -280,8 +280,8 @@ class LibvirtProvisioner(TunnelledProvisioner):
         return await to_thread(host.state, self.sandbox_name) in ("running", "paused")
 
     async def keep_sandbox_on_restart(self) -> bool:
-        """Same VM unless fresh_vm_on_restart is set."""
-        return not self.fresh_vm_on_restart
+        """Same VM unless fresh_vm_on_restart is set or the VM is gone (a guest panic, say)."""
+        return not self.fresh_vm_on_restart and await self.sandbox_alive()
 
     async def diagnostics(self) -> str:
         """Kernel log and serial console tails."""

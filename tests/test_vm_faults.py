@@ -1,0 +1,155 @@
+"""VM faults: a guest kernel panic, QEMU killed, the guest's sshd sessions killed, a full overlay
+directory, a corrupt base image, an unreachable libvirtd. Each is detected, reported with what to do, and leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
+
+from lifecycle import run_cell, start, wait_until
+
+pytestmark = pytest.mark.vm
+
+EXEC_TIMEOUT = 240
+
+
+def _domains() -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.split()
+
+
+async def _start_refused(kernelspec_dir: Any, **config: Any) -> str:
+    kdir = kernelspec_dir("sandbox-nixos-vm", name="fault", **config)
+    km = AsyncKernelManager(kernel_name="fault", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kdir)]))
+    with pytest.raises(Exception) as info:
+        await km.start_kernel()
+    assert not km.has_kernel
+    assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
+    return str(info.value)
+
+
+async def _dead_soon(km: Any, timeout: float) -> bool:
+    async def dead() -> bool:
+        return await km.provisioner.poll() is not None
+    return await wait_until(dead, timeout=timeout)
+
+
+async def test_guest_kernel_panic_detected_and_restarted(kernelspec_dir: Any) -> None:
+    # The guest panics on an NMI it cannot explain; QEMU injects one. With panic=-1 (always on)
+    # the panicking guest resets at once and libvirt's on_reboot=destroy ends the domain.
+    kdir = kernelspec_dir("sandbox-nixos-vm", name="panicky", extra_cmdline=["unknown_nmi_panic=1"])
+    km, kc = await start("panicky", KernelSpecManager(kernel_dirs=[str(kdir)]), timeout=300)
+    restarts: list[str] = []
+    restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
+    restarter.add_callback(lambda: restarts.append("restart"), "restart")
+    try:
+        await run_cell(kc, "before = 1", timeout=EXEC_TIMEOUT)
+        domain = km.provisioner.sandbox_name
+        subprocess.run(["virsh", "-c", "qemu:///system", "inject-nmi", domain], check=True,
+                       capture_output=True, timeout=30)
+        assert await _dead_soon(km, 60), "the panic was not detected"
+        assert "Kernel panic" in _read(km.provisioner.state_dir / "console.log")
+        assert domain not in _domains()
+        restarter.start()
+        assert await wait_until(lambda: _truthy(restarts), timeout=60), "no auto-restart"
+        await kc.wait_for_ready(timeout=300)
+        out = await run_cell(kc, "print('before' in globals())", timeout=EXEC_TIMEOUT)
+        assert out["stdout"] == "False\n", "the kernel must come back, fresh, in a new VM"
+    finally:
+        restarter.stop()
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_qemu_killed_is_detected() -> None:
+    km, kc = await start("sandbox-nixos-vm", timeout=300)
+    try:
+        pid = _qemu_pid(km.provisioner.sandbox_name)
+        os.kill(pid, signal.SIGKILL)
+        assert await _dead_soon(km, 15), "a killed QEMU must poll dead"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
+
+
+async def test_guest_sshd_sessions_killed_are_survived() -> None:
+    """The kernel's user kills every sshd process it can reach in the guest (its SSH sessions;
+    the listening daemon is root's): the provisioner reconnects, the kernel keeps its state."""
+    km, kc = await start("sandbox-nixos-vm", timeout=300)
+    try:
+        await run_cell(kc, "kept = 7", timeout=EXEC_TIMEOUT)
+        kc.execute(
+            "import os, signal\n"
+            "for p in os.listdir('/proc'):\n"
+            "    try:\n"
+            "        if p.isdigit() and open(f'/proc/{p}/comm').read().strip() == 'sshd':\n"
+            "            os.kill(int(p), signal.SIGKILL)\n"
+            "    except OSError:\n"
+            "        pass\n"
+        )
+        await kc.wait_for_ready(timeout=EXEC_TIMEOUT)
+        out = await run_cell(kc, "print(kept)", timeout=EXEC_TIMEOUT)
+        assert out["stdout"] == "7\n"
+        assert await km.provisioner.poll() is None
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_full_overlay_directory_is_refused(kernelspec_dir: Any, tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "sandbox-kernels-test", str(tiny)], check=True)
+    try:
+        message = await _start_refused(kernelspec_dir, images_dir=str(tiny))
+        assert "free" in message and "NIXOS_EPHEMERAL_VM_IMAGES_DIR" in message, message
+        assert not any(tiny.iterdir()), "nothing may be left in the overlay directory"
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)
+
+
+async def test_corrupt_base_image_is_refused(kernelspec_dir: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.qcow2"
+    bad.write_bytes(b"QFI\xfb" + os.urandom(4096))  # a qcow2 magic followed by garbage
+    message = await _start_refused(kernelspec_dir, base_image=str(bad))
+    assert str(bad) in message and ("qemu-img" in message or "rebuild" in message), message
+
+
+async def test_unreachable_libvirtd_says_how_to_start_it(kernelspec_dir: Any, tmp_path: Path) -> None:
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"
+    message = await _start_refused(kernelspec_dir, libvirt_uri=uri)
+    assert "libvirtd" in message and "-d" in message, message
+
+
+def _qemu_pid(domain: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu" in argv[0] and any(a.startswith(f"guest={domain}".encode()) for a in argv):
+            return int(entry.name)
+    raise AssertionError(f"no QEMU process for {domain}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+async def _truthy(items: list[str]) -> bool:
+    return bool(items)
