@@ -127,14 +127,16 @@ async def test_engine_restart_is_survived() -> None:
         (cid,) = _containers(km.kernel_id)
         pid = int(subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True,
                                  check=True).stdout.split()[0])
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 90
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not Path(f"/proc/{pid}").exists(), "dockerd did not stop"
-        assert await km.provisioner.poll() is not None, "a kernel whose engine is gone must poll dead"
         script = Path(__file__).resolve().parents[1] / "scripts" / "daemons.sh"
-        subprocess.run(["bash", str(script)], check=True, capture_output=True, timeout=120)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 90
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not Path(f"/proc/{pid}").exists(), "dockerd did not stop"
+            assert await km.provisioner.poll() is not None, "a kernel whose engine is gone must poll dead"
+        finally:  # whatever happened, the engine comes back for the tests that follow
+            subprocess.run(["bash", str(script)], check=True, capture_output=True, timeout=120)
         restarter.start()
 
         async def restarted() -> bool:

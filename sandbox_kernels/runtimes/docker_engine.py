@@ -5,8 +5,9 @@ Every method blocks; provisioners call them through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..errors import SandboxConfigError, SandboxError, SandboxNotFound, SandboxUnavailable
 from ..labels import KERNEL_ID
@@ -16,6 +17,24 @@ _HOW_TO_START = (
     "Start the Docker engine (as root: `dockerd > /var/log/dockerd.log 2>&1 &`, or run "
     "`make demo`, which installs and starts it), or point DOCKER_HOST at a running engine."
 )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _engine_call(method: _F) -> _F:
+    """Turn "the engine went away" (a refused or reset socket) into SandboxUnavailable."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import requests
+
+        try:
+            return method(*args, **kwargs)
+        except requests.exceptions.ConnectionError as e:
+            raise SandboxUnavailable(f"lost the Docker engine: {e}. {_HOW_TO_START}") from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 class DockerEngine:
@@ -38,6 +57,7 @@ class DockerEngine:
         """The docker-py client (for the image builder and the snapshot service)."""
         return self._client
 
+    @_engine_call
     def check_image(self, image: str) -> None:
         """Raise a clear error if ``image`` is not present locally (we never pull).
 
@@ -56,6 +76,7 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not inspect image {image!r}: {e.explanation}") from e
 
+    @_engine_call
     def create(self, **spec: Any) -> str:
         """Create (not start) a container from keyword arguments of ``containers.create``.
 
@@ -72,6 +93,7 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise SandboxConfigError(f"Docker refused to create the container: {e.explanation}") from e
 
+    @_engine_call
     def start(self, container_id: str) -> None:
         """Start a created or exited container.
 
@@ -86,6 +108,7 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not start the container: {e.explanation}") from e
 
+    @_engine_call
     def state(self, container_id: str) -> dict[str, Any] | None:
         """The container's ``State`` block, or None when it does not exist."""
         try:
@@ -95,6 +118,7 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not inspect the container: {e.explanation}") from e
 
+    @_engine_call
     def kill(self, container_id: str, signum: int) -> None:
         """Send ``signum`` to the container's init, which forwards it to the kernel."""
         try:
@@ -106,6 +130,7 @@ class DockerEngine:
                 return
             raise SandboxError(f"Docker could not signal the container: {e.explanation}") from e
 
+    @_engine_call
     def wait_stopped(self, container_id: str, timeout: float) -> None:
         """Wait for the container to stop (bounded); missing counts as stopped."""
         try:
@@ -115,6 +140,7 @@ class DockerEngine:
         except Exception as e:  # a read timeout from requests, or an API error
             raise SandboxError(f"container {container_id[:12]} did not stop: {e}") from e
 
+    @_engine_call
     def logs(self, container_id: str, tail: int = 30) -> str:
         """The last ``tail`` lines of the container's output ("" if unavailable)."""
         try:
@@ -123,6 +149,7 @@ class DockerEngine:
             return ""
         return raw.decode(errors="replace")
 
+    @_engine_call
     def remove(self, container_id: str) -> None:
         """Force-remove a container; a missing one is fine."""
         try:
@@ -134,18 +161,21 @@ class DockerEngine:
                 return
             raise SandboxError(f"Docker could not remove the container: {e.explanation}") from e
 
+    @_engine_call
     def find(self, kernel_id: str | None = None) -> list[dict[str, Any]]:
         """Containers labelled as ours (optionally for one kernel), as ``docker ps`` rows."""
         label = KERNEL_ID if kernel_id is None else f"{KERNEL_ID}={kernel_id}"
         rows = self._client.api.containers(all=True, filters={"label": label})
         return [dict(row) for row in rows]
 
+    @_engine_call
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
 
     # -- snapshot images -----------------------------------------------------------------------
 
+    @_engine_call
     def commit(self, container_id: str, repository: str, tag: str, labels: dict[str, str]) -> int:
         """Commit the container's filesystem to ``repository:tag`` with ``labels``.
 
@@ -162,10 +192,12 @@ class DockerEngine:
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not commit the container: {e.explanation}") from e
 
+    @_engine_call
     def images(self, label: str) -> list[dict[str, Any]]:
         """Images carrying ``label`` (``key`` or ``key=value``)."""
         return [dict(i) for i in self._client.api.images(filters={"label": label})]
 
+    @_engine_call
     def remove_image(self, ref: str) -> None:
         """Remove an image; a missing one is fine."""
         try:
