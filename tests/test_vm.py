@@ -35,6 +35,7 @@ VM = Runtime(
         ({"memory_mb": 5}, "memory_mb"),
         ({"vcpus": "lots"}, "vcpus"),
         ({"base_image": "/nonexistent/image.qcow2"}, "image"),
+        ({"base_image": "/etc/passwd"}, "image_dirs"),
         ({"workspace": "../etc"}, "workspace"),
         ({"accelerator": "warp"}, "accelerator"),
     ],

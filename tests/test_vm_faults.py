@@ -121,8 +121,25 @@ async def test_full_overlay_directory_is_refused(kernelspec_dir: Any, tmp_path: 
 async def test_corrupt_base_image_is_refused(kernelspec_dir: Any, tmp_path: Path) -> None:
     bad = tmp_path / "broken.qcow2"
     bad.write_bytes(b"QFI\xfb" + os.urandom(4096))  # a qcow2 magic followed by garbage
-    message = await _start_refused(kernelspec_dir, base_image=str(bad))
+    message = await _start_refused(kernelspec_dir, base_image=str(bad), image_dirs=[str(tmp_path)])
     assert str(bad) in message and ("qemu-img" in message or "rebuild" in message), message
+
+
+async def test_images_outside_the_allowed_directories_are_refused(kernelspec_dir: Any, tmp_path: Path) -> None:
+    message = await _start_refused(kernelspec_dir, base_image="/etc/passwd")
+    assert "base_image='/etc/passwd'" in message and "image_dirs" in message, message
+    message = await _start_refused(kernelspec_dir, guest_kernel="/boot/../etc/shadow")
+    assert "guest_kernel" in message and "outside" in message, message
+    # A qcow2 in an allowed directory whose backing file is not.
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    outside = tmp_path / "secret.img"
+    outside.write_bytes(b"secret" * 1000)
+    sneaky = allowed / "sneaky.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(outside), str(sneaky)],
+                   check=True)
+    message = await _start_refused(kernelspec_dir, base_image=str(sneaky), image_dirs=[str(allowed)])
+    assert "backing file" in message and "outside" in message, message
 
 
 async def test_unreachable_libvirtd_says_how_to_start_it(kernelspec_dir: Any, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from ..settings import check_name, env_default
 from ..snapshots.model import Capabilities, Snapshot
 from ..ssh.keys import create_sandbox_keys, load_private_key
 from ..ssh.tunnel import SSHTunnel
-from ..vm import disk_snapshots, overlay
+from ..vm import disk_snapshots, image_policy, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
@@ -83,6 +83,10 @@ class LibvirtProvisioner(TunnelledProvisioner):
     allow_network = Bool(False, config=True, help="Let the guest open outbound connections.")
     fresh_vm_on_restart = Bool(False, config=True, help="Restart the kernel in a new VM, not the same one.")
     libvirt_uri = Unicode("qemu:///system", config=True, help="libvirt connection URI.")
+    image_dirs = List(Unicode(), config=True,
+                      help="Directories base images, guest kernels and backing files may come from "
+                           "(default: the image cache, /var/lib/sandbox-kernels/images and the "
+                           "directory of NIXOS_SANDBOX_BASE_IMAGE). Env: SANDBOX_KERNELS_VM_IMAGE_DIRS.")
     extra_cmdline = List(Unicode(), config=True,
                          help="Extra guest kernel command-line words (e.g. 'console=ttyS0').")
 
@@ -137,7 +141,7 @@ class LibvirtProvisioner(TunnelledProvisioner):
     # -- settings ---------------------------------------------------------------------------
 
     def validate_settings(self) -> None:
-        """Refuse a disabled runtime, and image paths that do not exist."""
+        """Refuse a disabled runtime, bad names, and image paths outside the allowed directories."""
         super().validate_settings()
         if not self.enabled:
             raise SandboxUnavailable(
@@ -146,6 +150,11 @@ class LibvirtProvisioner(TunnelledProvisioner):
             check_name(self.workspace, "workspace")
         if self.ssh_user:
             check_name(self.ssh_user, "ssh_user")
+        dirs = image_policy.allowed_dirs(self.image_dirs)
+        image_policy.check_path(self.base_image, "base_image", dirs)
+        for setting in ("guest_kernel", "guest_initrd"):
+            if getattr(self, setting):
+                image_policy.check_path(getattr(self, setting), setting, dirs)
 
     @property
     def _kernel_path(self) -> str:
@@ -190,6 +199,8 @@ class LibvirtProvisioner(TunnelledProvisioner):
 
     async def create_sandbox(self) -> None:
         """Overlay, keys, seed, domain; then wait for the guest's sshd."""
+        await to_thread(image_policy.check_image, self.base_image, "base_image",
+                        image_policy.allowed_dirs(self.image_dirs))
         base = await to_thread(overlay.check_base_image, self.base_image)
         if not os.path.isfile(self._kernel_path):
             raise SandboxConfigError(
