@@ -14,9 +14,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The load tests alone, at full size (make test runs them smaller).
+# The start/stop cycles at full size, 50 per runtime (make test runs them smaller).
 soak: setup
-	SANDBOX_KERNELS_SOAK_VM_CYCLES=50 $(PY) -m pytest tests -m slow $(PYTEST_ARGS)
+	SANDBOX_KERNELS_SOAK_VM_CYCLES=50 SANDBOX_KERNELS_SOAK_SSH_CYCLES=50 \
+	SANDBOX_KERNELS_SOAK_K8S_CYCLES=50 SANDBOX_KERNELS_SOAK_DOCKER_CYCLES=50 \
+	$(PY) -m pytest tests -m slow -k cycles $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -235,3 +235,12 @@ def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
         time.sleep(1)
     assert not _pods(kernel_id)
     assert not (Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id).exists(), real.stdout
+
+
+@pytest.mark.slow
+async def test_start_stop_cycles_leave_nothing(k8s_cluster: str) -> None:
+    """Load: repeated start/stop of kernel pods (``make soak``: 50); then no pod remains."""
+    from cycles import cycles_leave_nothing
+
+    await cycles_leave_nothing("sandbox-k8s", int(os.environ.get("SANDBOX_KERNELS_SOAK_K8S_CYCLES", 5)), 120)
+    assert not _pods()

@@ -1,60 +1,24 @@
-"""Load: repeated start/stop with a leak check, a flooding kernel beside a quiet one.
+"""Load: repeated start/stop with a leak check, a flooding kernel beside a quiet one, ten VM
+kernels behind two slots.
 
 Bounded loops; the VM cycle count is smaller by default because each VM boots under TCG here
-(``SANDBOX_KERNELS_SOAK_VM_CYCLES`` raises it, ``make soak`` sets 50).
+(``SANDBOX_KERNELS_SOAK_VM_CYCLES`` raises it, ``make soak`` sets 50). The SSH and Kubernetes
+cycles live beside their fixtures (test_ssh_host.py, test_k8s.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cycles import cycles_leave_nothing
 from lifecycle import run_cell, start
 
 pytestmark = pytest.mark.slow
-
-
-def _listening_ports() -> set[str]:
-    """TCP listeners owned by this process (others on the machine are not our concern)."""
-    ours = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            ours.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in ours:  # LISTEN, inode is one of ours
-                    found.add(fields[1])
-    return found
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _sandbox_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("sandbox-ssh")]
-
-
-async def _cycles(kernel: str, n: int, timeout: float) -> None:
-    for i in range(n):
-        km, kc = await start(kernel, timeout=timeout)
-        out = await run_cell(kc, f"print({i} * 2)")
-        assert out["stdout"] == f"{i * 2}\n"
-        kc.stop_channels()
-        await km.shutdown_kernel()
 
 
 @pytest.mark.docker
@@ -63,18 +27,7 @@ async def _cycles(kernel: str, n: int, timeout: float) -> None:
     pytest.param("sandbox-nixos-vm", "SANDBOX_KERNELS_SOAK_VM_CYCLES", 5, 300, marks=pytest.mark.vm),
 ])
 async def test_start_stop_cycles_leave_nothing(kernel: str, cycles_env: str, default: int, timeout: float) -> None:
-    await _cycles(kernel, 1, timeout)  # warm imports and caches before the baseline
-    ports, fds, threads = _listening_ports(), _fds(), _sandbox_threads()
-    n = int(os.environ.get(cycles_env, default))
-    started = time.monotonic()
-    await _cycles(kernel, n, timeout)
-    print(f"{kernel}: {n} cycles in {time.monotonic() - started:.1f} s")
-    await asyncio.sleep(1)
-    assert _listening_ports() <= ports, "listening ports left behind"
-    assert _fds() <= fds + 5, f"file descriptors grew from {fds} to {_fds()}"
-    assert _sandbox_threads() == threads
-    state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"])
-    assert not list(state.glob("*")) if state.exists() else True
+    await cycles_leave_nothing(kernel, int(os.environ.get(cycles_env, default)), timeout)
 
 
 @pytest.mark.docker

@@ -113,3 +113,11 @@ async def test_unknown_host_key_refused(ssh_host: dict[str, str], kernelspec_dir
         await start("wrongkey", ksm=ksm, timeout=30)
     text = str(info.value)
     assert "host key" in text.lower() and stranger.fingerprint in text, text
+
+
+@pytest.mark.slow
+async def test_start_stop_cycles_leave_nothing(ssh_host: dict[str, str]) -> None:
+    """Load: repeated start/stop on the SSH host (``make soak``: 50) leaves nothing behind."""
+    from cycles import cycles_leave_nothing
+
+    await cycles_leave_nothing("sandbox-ssh", int(os.environ.get("SANDBOX_KERNELS_SOAK_SSH_CYCLES", 20)), 60)
