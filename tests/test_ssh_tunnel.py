@@ -351,6 +351,38 @@ def test_refused_remote_port_closes_the_local_connection(tunnel: SSHTunnel) -> N
     assert tunnel.is_alive
 
 
+def test_paused_forward_holds_connections_until_repointed(tunnel: SSHTunnel, server_port: int) -> None:
+    """A kernel restarting: its port's clients wait (not refused, not sent to a dead port)
+    and reach the new destination the moment the forward is repointed."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there: the old kernel's port
+    port = tunnel.forward(0, dead_port)
+    with _connect(port) as refused:
+        assert _recv_to_eof(refused) == b"", "a dead destination closes the connection"
+    tunnel.pause_forward(port)
+    held = _connect(port)  # completes in the listening socket's backlog
+    try:
+        held.sendall(b"echo\nheld")
+        held.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            held.recv(10)
+        tunnel.repoint_forward(port, server_port)
+        held.settimeout(10)
+        assert _recv_exactly(held, 4) == b"held"
+    finally:
+        held.close()
+    assert tunnel.forwards == {port: ("127.0.0.1", server_port)}
+    with _connect(port) as open_pair:
+        open_pair.sendall(b"echo\nx")
+        assert _recv_exactly(open_pair, 1) == b"x"
+        tunnel.pause_forward(port)
+        assert _recv_to_eof(open_pair) == b"", "pausing closes the open connections"
+    tunnel.repoint_forward(port, server_port)
+    assert _echo_once(port) == b"ping"
+
+
 def test_close_forward_frees_the_port(tunnel: SSHTunnel, server_port: int) -> None:
     port = tunnel.forward(0, server_port)
     tunnel.close_forward(port)

@@ -86,6 +86,19 @@ class TestVMLifecycle(LifecycleSuite):
         assert out["stdout"] == "7\n"
         assert dict(km.get_connection_info()) == ports, "clients must not see the reconnect"
 
+    async def test_restarts_fork_from_the_preloader(self, kernel: Any) -> None:
+        """A restart forks the next kernel from the process that imported ipykernel once;
+        kernels forked from it do not share random state."""
+        km, kc = kernel
+        probe = "import os, random\nprint(os.getppid(), random.random(), os.getpid())"
+        first = (await run_cell(kc, probe, timeout=EXEC_TIMEOUT))["stdout"].split()
+        await km.restart_kernel(now=True)
+        await kc.wait_for_ready(timeout=EXEC_TIMEOUT)
+        second = (await run_cell(kc, probe, timeout=EXEC_TIMEOUT))["stdout"].split()
+        assert first[0] == second[0] != "1", "both kernels are children of the same preloader"
+        assert first[1] != second[1], "forked kernels must not repeat each other's random numbers"
+        assert first[2] != second[2] and int(second[2]) == km.provisioner.pid
+
     async def test_memory_snapshot_rollback(self, kernel: Any) -> None:
         from sandbox_kernels.snapshots.service import SnapshotService
 

@@ -10,11 +10,13 @@ forwards at the new kernel's ports; the local ports, and so the clients, never c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import shlex
 import time
 from abc import abstractmethod
+from importlib import resources
 from typing import Any
 
 from ..aio import to_thread
@@ -37,6 +39,18 @@ exit 3
 """
 
 
+#: Wait for the preloader's reply to a fork request; exit 3 if the preloader is gone.
+_WAIT_FORK = r"""
+dir=$1 pid=$2
+while kill -0 "$pid" 2>/dev/null; do
+    if [ -s "$dir/fork-reply" ]; then cat "$dir/fork-reply"; rm -f "$dir/fork-reply"; exit 0; fi
+    sleep 0.05
+done
+rm -f "$dir/fork-request"
+exit 3
+"""
+
+
 class TunnelledProvisioner(SandboxProvisioner):
     """Base of runtimes whose kernel is reached through an SSH tunnel."""
 
@@ -47,6 +61,7 @@ class TunnelledProvisioner(SandboxProvisioner):
         self._remote_ports: dict[str, int] = {}
         self._watch: ProcessWatch | None = None
         self._reserved: dict[int, socket.socket] = {}
+        self._preloader_pid: int | None = None
 
     # -- hooks for VM / SSH host ----------------------------------------------------------------
 
@@ -65,6 +80,14 @@ class TunnelledProvisioner(SandboxProvisioner):
     def remote_cwd(self) -> str | None:
         """The kernel's working directory on the remote (None: the login directory)."""
         return None
+
+    def preload_kernels(self) -> bool:
+        """Whether kernels are forked from a preloaded process (see kernel_preloader.py).
+
+        Only where the whole machine goes with the kernel (a VM): on a shared host the
+        preloader would outlive it. Default False.
+        """
+        return False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -115,9 +138,40 @@ class TunnelledProvisioner(SandboxProvisioner):
         await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
         await self._remote(tunnel.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"], None, 30)
         await self._remote(tunnel.write_file, self.sandbox_connection_file(), json.dumps(info).encode(), 0o600)
-        self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
+        if self.preload_kernels() and cmd[1:3] == ["-m", "ipykernel_launcher"]:
+            self.pid = await self._fork_kernel(tunnel, cmd, env)
+        else:
+            self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
         self._remote_ports = {}
         await self._rewatch()
+
+    async def _fork_kernel(self, tunnel: SSHTunnel, cmd: list[str], env: dict[str, str]) -> int:
+        """Have the preloader fork the kernel, starting the preloader first if it is not running.
+
+        The first kernel of a machine waits for the preloader's import; every later one
+        (a restart) costs a fork.
+        """
+        rdir = self.remote_dir()
+        request = json.dumps({"argv": ["ipykernel_launcher", *cmd[3:]], "env": env,
+                              "cwd": self.remote_cwd() or "", "log": self._log_path}).encode()
+        for _attempt in range(2):
+            if self._preloader_pid is None:
+                script = resources.files(__package__).joinpath("kernel_preloader.py").read_bytes()
+                await self._remote(tunnel.write_file, f"{rdir}/kernel_preloader.py", script, 0o600)
+                self._preloader_pid = await self._remote(
+                    tunnel.start_detached, [cmd[0], f"{rdir}/kernel_preloader.py", rdir],
+                    f"{rdir}/preloader.log", env, self.remote_cwd())
+            await self._remote(tunnel.write_file, f"{rdir}/fork-request", request, 0o600)
+            result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_FORK, "sandbox-kernels-fork", rdir,
+                                                     str(self._preloader_pid)], None, self.launch_timeout)
+            reply = result.stdout.decode(errors="replace").strip()
+            if result.exit_code == 0 and reply.isdigit():
+                return int(reply)
+            self._preloader_pid = None  # gone (the machine rebooted, or it failed): start another
+        tail = await self._remote(tunnel.run, ["tail", "-n", "30", f"{rdir}/preloader.log"], None, 15)
+        raise SandboxStartError(
+            f"the kernel preloader in the sandbox exited before forking the kernel. Its log:\n"
+            f"{tail.stdout.decode(errors='replace')}")
 
     async def _rewatch(self) -> None:
         """(Re)open the session that reports when the kernel process ends."""
@@ -155,11 +209,29 @@ class TunnelledProvisioner(SandboxProvisioner):
         for ch in CHANNELS:
             local = int(self.connection_info[f"{ch}_port"])
             if local in tunnel.forwards:
-                if tunnel.forwards[local][1] == ports[ch]:
-                    continue
-                tunnel.close_forward(local)
-            tunnel.forward(local, ports[ch], sock=self._reserved.pop(local, None))
+                tunnel.repoint_forward(local, ports[ch])  # same listener; resumes if paused
+            else:
+                tunnel.forward(local, ports[ch], sock=self._reserved.pop(local, None))
         self._remote_ports = ports
+
+    def _pause_forwards(self) -> None:
+        """The kernel is going away: hold the clients' connections until the next one is up."""
+        if self.tunnel is None:
+            return
+        for local in list(self.tunnel.forwards):
+            with contextlib.suppress(SandboxError):
+                self.tunnel.pause_forward(local)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Kill the kernel; before a restart, hold the forwards first."""
+        if restart:
+            await to_thread(self._pause_forwards)
+        await super().kill(restart)
+
+    async def stop_kernel(self) -> None:
+        """Before a restart in the same sandbox: hold the forwards, then kill the kernel."""
+        await to_thread(self._pause_forwards)
+        await super().stop_kernel()
 
     async def _log_tail(self, lines: int = 30) -> str:
         if self.tunnel is None:
@@ -217,13 +289,14 @@ class TunnelledProvisioner(SandboxProvisioner):
             self.tunnel = None
 
     def runtime_state(self) -> dict[str, Any]:
-        """The remote pid and ports (for re-attaching)."""
-        return {"pid": self.pid, "remote_ports": self._remote_ports}
+        """The remote pids and ports (for re-attaching)."""
+        return {"pid": self.pid, "remote_ports": self._remote_ports, "preloader_pid": self._preloader_pid}
 
     def load_runtime_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`runtime_state`."""
         self.pid = state.get("pid")
         self._remote_ports = state.get("remote_ports", {})
+        self._preloader_pid = state.get("preloader_pid")
 
 
 def _ports(raw: bytes) -> dict[str, int] | None:

@@ -125,8 +125,12 @@ class Connector:
     def _configure(self, transport: paramiko.Transport, timeout: float) -> None:
         transport.name = self.thread_name
         transport.set_log_channel(f"{self.logger.name}.paramiko")
-        # paramiko narrates every handshake at INFO; keep its warnings and errors only.
-        logging.getLogger(f"{self.logger.name}.paramiko").setLevel(logging.WARNING)
+        # paramiko narrates every handshake at INFO; keep its warnings and errors only, less the
+        # per-channel refusals (the tunnel logs those itself, at debug level).
+        paramiko_log = logging.getLogger(f"{self.logger.name}.paramiko")
+        paramiko_log.setLevel(logging.WARNING)
+        if not any(isinstance(f, _ChannelRefusals) for f in paramiko_log.filters):
+            paramiko_log.addFilter(_ChannelRefusals())
         transport.banner_timeout = transport.handshake_timeout = timeout
         transport.auth_timeout = timeout
         transport.get_security_options().key_types = host_key_algorithms(self.pins)
@@ -273,3 +277,11 @@ def tune_socket(sock: socket.socket, keepalive: float) -> None:
     ):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+class _ChannelRefusals(logging.Filter):
+    """Drop paramiko's "Secsh channel N open FAILED" errors: a forward to a port nobody
+    listens on yet (a kernel restarting) is routine, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open FAILED" not in record.getMessage()

@@ -93,6 +93,7 @@ class Pump:
         self._wake_sock = wake_sock
         self._selector.register(wake_sock, _READ, ("wake", None))
         self._listeners: dict[int, Listener] = {}
+        self._paused: set[int] = set()
         self._pairs: set[_Pair] = set()
 
     @property
@@ -110,8 +111,44 @@ class Pump:
         listener = self._listeners.pop(port, None)
         if listener is None:
             return
-        self._selector.unregister(listener.sock)
+        if port not in self._paused:
+            self._selector.unregister(listener.sock)
+        self._paused.discard(port)
         listener.sock.close()
+        self._close_pairs_of(listener)
+
+    def pause_listener(self, port: int) -> None:
+        """Stop accepting on ``port`` and close its pairs; the socket stays open.
+
+        New connections wait in the socket's backlog (their TCP handshake is complete) until
+        :meth:`repoint_listener` resumes it, so clients reach the new remote port the moment
+        it exists instead of being refused over and over meanwhile.
+        """
+        listener = self._listeners.get(port)
+        if listener is None or port in self._paused:
+            return
+        self._selector.unregister(listener.sock)
+        self._paused.add(port)
+        self._close_pairs_of(listener)
+
+    def repoint_listener(self, port: int, listener: Listener) -> None:
+        """Send ``port``'s new connections to ``listener``'s remote end and accept again.
+
+        Open pairs of the old destination are closed; ``listener.sock`` is the same socket.
+        """
+        old = self._listeners.get(port)
+        if old is None:
+            return
+        self._listeners[port] = listener
+        if port in self._paused:
+            self._paused.discard(port)
+            self._selector.register(listener.sock, _READ, ("listen", listener))
+        else:
+            self._selector.modify(listener.sock, _READ, ("listen", listener))
+        if (old.remote_host, old.remote_port) != (listener.remote_host, listener.remote_port):
+            self._close_pairs_of(old)
+
+    def _close_pairs_of(self, listener: Listener) -> None:
         for pair in [p for p in self._pairs if p.listener is listener]:
             self._close_pair(pair)
 

@@ -305,6 +305,52 @@ class SSHTunnel(RemoteCommands):
         if not done.wait(timeout):
             self._logger.warning("closing the forward on port %d timed out", local_port)
 
+    def pause_forward(self, local_port: int, timeout: float = 5.0) -> None:
+        """Hold new connections to ``local_port`` in its backlog; close its open ones.
+
+        For a remote end that is going away and coming back on another port (a kernel
+        restarting): clients are neither refused nor sent to a dead port meanwhile.
+        :meth:`repoint_forward` resumes it.
+
+        Raises:
+            SandboxNotFound: no forward listens on ``local_port``.
+        """
+        done = threading.Event()
+
+        def pause(pump: Pump) -> None:
+            pump.pause_listener(local_port)
+            done.set()
+
+        with self._lock:
+            if local_port not in self._listeners:
+                raise SandboxNotFound(f"no forward listens on local port {local_port}")
+            self._commands.append(pause)
+            running = self._thread is not None and self._thread.is_alive()
+        self._wake()
+        # Return once it holds, so a connection made next waits (unless no pump runs yet).
+        if running and not done.wait(timeout):
+            self._logger.warning("pausing the forward on port %d timed out", local_port)
+
+    def repoint_forward(self, local_port: int, remote_port: int, remote_host: str = "127.0.0.1") -> None:
+        """Send ``local_port``'s connections to ``remote_host:remote_port`` from now on, and
+        accept again if paused. The local port and its listening socket stay.
+
+        Raises:
+            SandboxConfigError: a bad port.
+            SandboxNotFound: no forward listens on ``local_port``.
+        """
+        check_port(remote_port, "remote_port")
+        with self._lock:
+            old = self._listeners.get(local_port)
+            if old is None:
+                raise SandboxNotFound(f"no forward listens on local port {local_port}")
+            listener = Listener(old.sock, remote_host, remote_port)
+            self._listeners[local_port] = listener
+            self._commands.append(lambda pump: pump.repoint_listener(local_port, listener))
+        self._wake()
+        self._logger.debug("forwarding 127.0.0.1:%d to %s:%d via %s",
+                           local_port, remote_host, remote_port, self._target)
+
     # ------------------------------------------------------------------ connecting
 
     @property
