@@ -149,16 +149,12 @@ async def test_unreachable_libvirtd_says_how_to_start_it(kernelspec_dir: Any, tm
 
 
 def _qemu_pid(domain: str) -> int:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu" in argv[0] and any(a.startswith(f"guest={domain}".encode()) for a in argv):
-            return int(entry.name)
-    raise AssertionError(f"no QEMU process for {domain}")
+    from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+
+    with LibvirtHost() as host:
+        pid = host.qemu_pid(domain)
+    assert pid, f"no QEMU process for {domain}"
+    return pid
 
 
 def _read(path: Path) -> str:
