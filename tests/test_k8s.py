@@ -213,18 +213,12 @@ async def test_api_server_restart_keeps_the_kernel(k8s_cluster: str) -> None:
 
 def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
     """SIGKILL the process that owns a kernel pod; `sandbox-kernels reap` finds and deletes it."""
-    import signal
     import sys
 
-    from test_reliability import _OWNER
+    from test_reliability import start_orphan
 
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, "sandbox-k8s"], stdout=subprocess.PIPE, text=True)
-    try:
-        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
-        assert kernel_id and _pods(kernel_id)
-    finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
+    kernel_id = start_orphan("sandbox-k8s")
+    assert _pods(kernel_id)
     reap = [str(Path(sys.executable).parent / "sandbox-kernels"), "reap", "--min-age", "0"]
     dry = subprocess.run(reap, capture_output=True, text=True, check=True, timeout=120)
     assert f"would remove pod {NAMESPACE}/" in dry.stdout and _pods(kernel_id), dry.stdout

@@ -27,6 +27,19 @@ _OWNER = textwrap.dedent("""
 """)
 
 
+def start_orphan(kernel_name: str) -> str:
+    """Start a ``kernel_name`` kernel in another process, SIGKILL that process (no clean-up
+    runs, as when a server crashes) and return the kernel id whose sandbox it left."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, kernel_name], stdout=subprocess.PIPE, text=True)
+    try:
+        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert kernel_id, f"the {kernel_name} kernel did not start in the owner process"
+    return kernel_id
+
+
 def _containers(kernel_id: str) -> list[str]:
     out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=sandbox-kernels.kernel-id={kernel_id}"],
                          capture_output=True, text=True, check=True)
@@ -36,13 +49,7 @@ def _containers(kernel_id: str) -> list[str]:
 @pytest.mark.docker
 def test_killed_owner_is_reaped(tmp_path: Path) -> None:
     """SIGKILL the process that owns a kernel (no clean-up runs); reap finds and removes it."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, "sandbox-docker"], stdout=subprocess.PIPE, text=True)
-    try:
-        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
-        assert kernel_id and _containers(kernel_id)
-    finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
+    kernel_id = start_orphan("sandbox-docker")
     state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id
     assert state.exists() and _containers(kernel_id), "a killed owner cannot clean up"
 

@@ -19,17 +19,10 @@ VENV_BIN = Path(sys.executable).parent
 @pytest.fixture
 def orphan_kernel() -> str:
     """A Docker kernel whose owning process was SIGKILLed (what a crashed server leaves)."""
-    import signal
+    from test_reliability import _containers, start_orphan
 
-    from test_reliability import _OWNER, _containers
-
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, "sandbox-docker"], stdout=subprocess.PIPE, text=True)
-    try:
-        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
-        assert kernel_id and _containers(kernel_id)
-    finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
+    kernel_id = start_orphan("sandbox-docker")
+    assert _containers(kernel_id)
     return kernel_id
 
 

@@ -291,16 +291,10 @@ class SSHTunnel(RemoteCommands):
         Raises:
             SandboxNotFound: no forward listens on ``local_port``.
         """
-        done = threading.Event()
-
-        def remove(pump: Pump) -> None:
-            pump.remove_listener(local_port)
-            done.set()
-
         with self._lock:
             if self._listeners.pop(local_port, None) is None:
                 raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            self._commands.append(remove)
+            done = self._queue(lambda pump: pump.remove_listener(local_port))
         self._wake()
         if not done.wait(timeout):
             self._logger.warning("closing the forward on port %d timed out", local_port)
@@ -315,16 +309,10 @@ class SSHTunnel(RemoteCommands):
         Raises:
             SandboxNotFound: no forward listens on ``local_port``.
         """
-        done = threading.Event()
-
-        def pause(pump: Pump) -> None:
-            pump.pause_listener(local_port)
-            done.set()
-
         with self._lock:
             if local_port not in self._listeners:
                 raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            self._commands.append(pause)
+            done = self._queue(lambda pump: pump.pause_listener(local_port))
             running = self._thread is not None and self._thread.is_alive()
         self._wake()
         # Return once it holds, so a connection made next waits (unless no pump runs yet).
@@ -350,6 +338,18 @@ class SSHTunnel(RemoteCommands):
         self._wake()
         self._logger.debug("forwarding 127.0.0.1:%d to %s:%d via %s",
                            local_port, remote_host, remote_port, self._target)
+
+    def _queue(self, command: Callable[[Pump], None]) -> threading.Event:
+        """Queue ``command`` for the pump thread (the caller holds ``_lock``); the returned
+        event is set once it has run."""
+        done = threading.Event()
+
+        def run(pump: Pump) -> None:
+            command(pump)
+            done.set()
+
+        self._commands.append(run)
+        return done
 
     # ------------------------------------------------------------------ connecting
 
