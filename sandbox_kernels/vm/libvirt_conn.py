@@ -25,6 +25,7 @@ from ..errors import (
     SandboxUnavailable,
 )
 from ..labels import DOMAIN_PREFIX
+from ..settings import check_name
 from ..runtimes.registry import require
 from .domain_xml import METADATA_NS, DomainSpec, SnapshotSpec, read_metadata
 
@@ -112,8 +113,8 @@ class LibvirtHost:
 
     # -- domains ---------------------------------------------------------------------------
 
-    def start(self, spec: DomainSpec) -> str:
-        """Create and start the domain described by ``spec``.
+    def start(self, spec: DomainSpec, paused: bool = False) -> str:
+        """Create and start the domain described by ``spec`` (``paused``: QEMU runs, the guest not).
 
         A transient domain (the default) disappears when it stops; a persistent one
         (``spec.persistent``) is defined first and undefined again if it fails to start.
@@ -129,17 +130,18 @@ class LibvirtHost:
         xml = spec.to_xml()
         conn = self.connect()
         libvirt = self._libvirt
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         try:
             if spec.persistent:
                 dom = conn.defineXML(xml)
                 try:
-                    dom.create()
+                    dom.createWithFlags(flags)
                 except libvirt.libvirtError:
                     with contextlib.suppress(libvirt.libvirtError):
                         dom.undefineFlags(_undefine_flags(libvirt))
                     raise
             else:
-                conn.createXML(xml, 0)
+                conn.createXML(xml, flags)
         except libvirt.libvirtError as e:
             error = self._translate(e, "starting the VM", spec.name)
             if type(error) is SandboxError:
@@ -333,17 +335,46 @@ class LibvirtHost:
             dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
 
     def snapshot_revert(self, name: str, snapshot: str) -> None:
-        """Revert domain ``name`` to ``snapshot``; a memory snapshot resumes running.
+        """Revert running domain ``name`` to its memory snapshot ``snapshot`` and run it.
+
+        The snapshot is loaded into the domain's own QEMU (:meth:`load_snapshot`): libvirt's
+        revert would start a new QEMU process for it, about 2.5 s more under TCG.
 
         Raises:
             SandboxNotFound: no such domain or snapshot.
-            SandboxError: libvirt or QEMU refused.
+            SandboxError: QEMU could not load it.
         """
         dom = self._lookup(name)
-        libvirt = self._libvirt
         with self._errors(f"reverting to snapshot {snapshot!r}", name):
-            snap = dom.snapshotLookupByName(snapshot, 0)
-            dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
+            dom.snapshotLookupByName(snapshot, 0)
+        self.load_snapshot(name, snapshot)
+        if self.state(name) == "paused":
+            self.resume(name)
+
+    def resume(self, name: str) -> None:
+        """Run a paused domain.
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("resuming the VM", name):
+            dom.resume()
+
+    def load_snapshot(self, name: str, snapshot: str) -> None:
+        """Load the internal snapshot ``snapshot`` (with memory) in domain ``name``'s QEMU.
+
+        The snapshot need not be known to libvirt (a golden snapshot in a cloned overlay). A
+        running domain runs on from the snapshot; a paused one stays paused.
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: QEMU could not load it (its message is included).
+        """
+        output = self.qmp(name, "human-monitor-command",
+                          {"command-line": f"loadvm {check_name(snapshot, 'snapshot name')}"})
+        if str(output or "").strip():
+            raise SandboxError(f"QEMU could not load snapshot {snapshot!r} of {name}: {str(output).strip()}")
 
     def snapshot_delete(self, name: str, snapshot: str) -> None:
         """Delete ``snapshot`` of domain ``name``.
