@@ -10,6 +10,7 @@ forwards at the new kernel's ports; the local ports, and so the clients, never c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import socket
@@ -39,9 +40,18 @@ exit 3
 """
 
 
-#: Wait for the preloader's reply to a fork request; exit 3 if the preloader is gone.
-_WAIT_FORK = r"""
-dir=$1 pid=$2
+#: One round trip starts a preloaded kernel: the kernel directory, the connection file and the
+#: fork request (both base64 arguments), then the preloader's reply (the child's pid). Exit 3
+#: if the preloader is gone, 4 if the files cannot be written.
+_FORK = r"""
+dir=$1 pid=$2 log=$3
+umask 077
+mkdir -p "$dir" && chmod 700 "$dir" || exit 4
+rm -f "$log" "$log.exit" "$dir/fork-reply"
+printf '%s' "$4" | base64 -d > "$dir/connection.json" || exit 4
+kill -0 "$pid" 2>/dev/null || exit 3
+printf '%s' "$5" | base64 -d > "$dir/fork-request.tmp" || exit 4
+mv -f "$dir/fork-request.tmp" "$dir/fork-request" || exit 4
 while kill -0 "$pid" 2>/dev/null; do
     if [ -s "$dir/fork-reply" ]; then cat "$dir/fork-reply"; rm -f "$dir/fork-reply"; exit 0; fi
     sleep 0.05
@@ -134,44 +144,57 @@ class TunnelledProvisioner(SandboxProvisioner):
         tunnel = await self._tunnel_ready()
         info = self.sandbox_connection_info()
         info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
-        rdir = self.remote_dir()
-        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
-        await self._remote(tunnel.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"], None, 30)
-        await self._remote(tunnel.write_file, self.sandbox_connection_file(), json.dumps(info).encode(), 0o600)
+        connection = json.dumps(info).encode()
         if self.preload_kernels() and cmd[1:3] == ["-m", "ipykernel_launcher"]:
-            self.pid = await self._fork_kernel(tunnel, cmd, env)
+            self.pid = await self._fork_kernel(tunnel, cmd, env, connection)
         else:
+            rdir = self.remote_dir()
+            await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+            await self._remote(tunnel.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"], None, 30)
+            await self._remote(tunnel.write_file, self.sandbox_connection_file(), connection, 0o600)
             self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
         self._remote_ports = {}
         await self._rewatch()
 
-    async def _fork_kernel(self, tunnel: SSHTunnel, cmd: list[str], env: dict[str, str]) -> int:
+    async def _fork_kernel(self, tunnel: SSHTunnel, cmd: list[str], env: dict[str, str],
+                           connection: bytes) -> int:
         """Have the preloader fork the kernel, starting the preloader first if it is not running.
 
-        The first kernel of a machine waits for the preloader's import; every later one
-        (a restart) costs a fork.
+        The first kernel of a machine waits for the preloader's import; every later one (a
+        restart, or any kernel of a VM restored from a golden snapshot) costs one SSH round
+        trip and a fork.
         """
         rdir = self.remote_dir()
         request = json.dumps({"argv": ["ipykernel_launcher", *cmd[3:]], "env": env,
                               "cwd": self.remote_cwd() or "", "log": self._log_path}).encode()
         for _attempt in range(2):
             if self._preloader_pid is None:
-                script = resources.files(__package__).joinpath("kernel_preloader.py").read_bytes()
-                await self._remote(tunnel.write_file, f"{rdir}/kernel_preloader.py", script, 0o600)
-                self._preloader_pid = await self._remote(
-                    tunnel.start_detached, [cmd[0], f"{rdir}/kernel_preloader.py", rdir],
-                    f"{rdir}/preloader.log", env, self.remote_cwd())
-            await self._remote(tunnel.write_file, f"{rdir}/fork-request", request, 0o600)
-            result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_FORK, "sandbox-kernels-fork", rdir,
-                                                     str(self._preloader_pid)], None, self.launch_timeout)
+                await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+                await self._start_preloader(tunnel, cmd[0], env)
+            result = await self._remote(tunnel.run, [
+                "sh", "-c", _FORK, "sandbox-kernels-fork", rdir, str(self._preloader_pid), self._log_path,
+                base64.b64encode(connection).decode(), base64.b64encode(request).decode()],
+                None, self.launch_timeout)
             reply = result.stdout.decode(errors="replace").strip()
             if result.exit_code == 0 and reply.isdigit():
                 return int(reply)
+            if result.exit_code == 4:
+                raise SandboxStartError(f"could not write the kernel's files in {rdir}: "
+                                        f"{result.stderr.decode(errors='replace').strip()}")
             self._preloader_pid = None  # gone (the machine rebooted, or it failed): start another
         tail = await self._remote(tunnel.run, ["tail", "-n", "30", f"{rdir}/preloader.log"], None, 15)
         raise SandboxStartError(
             f"the kernel preloader in the sandbox exited before forking the kernel. Its log:\n"
             f"{tail.stdout.decode(errors='replace')}")
+
+    async def _start_preloader(self, tunnel: SSHTunnel, python: str, env: dict[str, str]) -> None:
+        """Copy the preloader into the kernel directory and start it with ``python``."""
+        rdir = self.remote_dir()
+        script = resources.files(__package__).joinpath("kernel_preloader.py").read_bytes()
+        await self._remote(tunnel.write_file, f"{rdir}/kernel_preloader.py", script, 0o600)
+        self._preloader_pid = await self._remote(
+            tunnel.start_detached, [python, f"{rdir}/kernel_preloader.py", rdir],
+            f"{rdir}/preloader.log", env, self.remote_cwd())
 
     async def _rewatch(self) -> None:
         """(Re)open the session that reports when the kernel process ends."""
