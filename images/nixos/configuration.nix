@@ -12,6 +12,11 @@
 #   * sshd: key-only, user executor only, direct-tcpip to the guest's loopback only;
 #   * "SANDBOX-READY" on the serial console once sshd listens, or
 #     "SANDBOX-FAILED: <reason>" and power-off if the seed cannot be applied;
+#   * reseeding (golden snapshots): a root service waits on the second serial port (ttyS1)
+#     for "reseed <unix seconds>", then re-reads the seed disk (the restored clone's own),
+#     installs its host key, authorized key and hostname, sets the clock, reseeds the
+#     kernel's RNG, reloads sshd, prints SANDBOX-READY and answers "reseeded" (or
+#     "reseed-failed: <reason>") on the port;
 #   * no passwords anywhere; eth0 is 10.0.2.15/24 on QEMU's user-mode network.
 { config, lib, pkgs, modulesPath, ... }:
 
@@ -107,6 +112,71 @@ let
     done
     echo "SANDBOX-FAILED: sshd did not listen on port 22" > /dev/console
     exit 1
+  '';
+
+  # The reseed agent (see the contract above): a VM restored from a golden snapshot becomes its
+  # own machine before the host logs in.
+  reseedScript = pkgs.writeShellScript "sandbox-reseed" ''
+    set -u
+    grep -q '^1: uart:16550A' /proc/tty/driver/serial || exit 0
+    stty -F /dev/ttyS1 raw -echo
+    exec 3<> /dev/ttyS1
+    disk_by_serial() {
+      for block in /sys/block/*; do
+        if [ -r "$block/serial" ] && [ "$(cat "$block/serial")" = "$1" ]; then
+          echo "/dev/$(basename "$block")"
+          return 0
+        fi
+      done
+      return 1
+    }
+    listener_inode() {
+      ss -Hltne 'sport = :22' | sed -n 's/.* ino:\([0-9]*\).*/\1/p' | head -n 1
+    }
+    reseed() (
+      fail() { echo "$*"; exit 1; }
+      seed_dev=$(disk_by_serial sandbox-seed) || fail "no seed disk"
+      blockdev --flushbufs "$seed_dev" || fail "cannot drop the cached seed"
+      seed=/run/sandbox-seed
+      rm -rf "$seed"
+      mkdir -m 0700 "$seed" || fail "mkdir $seed"
+      tar -x --no-same-owner --no-same-permissions -f "$seed_dev" -C "$seed" \
+        || fail "cannot read the seed archive"
+      name=$(head -n 1 "$seed/hostname")
+      case "$name" in
+        ""|-*|*[!A-Za-z0-9.-]*) fail "seed hostname is not a valid host name" ;;
+      esac
+      hostname "$name" || fail "cannot set hostname"
+      install -m 0600 -o root -g root "$seed/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key \
+        || fail "cannot install the host key"
+      install -m 0644 -o root -g root "$seed/authorized_keys" ${authorizedKeysDir}/executor \
+        || fail "cannot install authorized_keys"
+      [ -f "$seed/random_seed" ] && cat "$seed/random_seed" > /dev/urandom
+      rm -rf "$seed"
+      case "$1" in ""|*[!0-9]*) fail "bad time $1" ;; esac
+      date -u -s "@$1" > /dev/null || fail "cannot set the clock"
+      python3 -S -c 'import fcntl, os; fcntl.ioctl(os.open("/dev/urandom", os.O_WRONLY), 0x5207)' \
+        || fail "cannot reseed the kernel's random number generator"
+      old=$(listener_inode)
+      systemctl reload sshd.service || fail "cannot reload sshd"
+      for _ in $(seq 200); do
+        inode=$(listener_inode)
+        [ -n "$inode" ] && [ "$inode" != "$old" ] && exit 0
+        sleep 0.05
+      done
+      fail "sshd did not listen again after the reload"
+    )
+    while :; do
+      read -r word epoch <&3 || { sleep 1; continue; }
+      [ "$word" = reseed ] || continue
+      if result=$(reseed "$epoch" 2>&1); then
+        echo "SANDBOX-READY" > /dev/console
+        echo "reseeded" >&3
+      else
+        echo "sandbox-reseed: $result" > /dev/console
+        echo "reseed-failed: $(echo "$result" | tail -n 1)" >&3
+      fi
+    done
   '';
 in
 {
@@ -216,6 +286,19 @@ in
     serviceConfig = {
       Type = "oneshot";
       ExecStart = readyScript;
+    };
+  };
+
+  systemd.services.sandbox-reseed = {
+    description = "Take a fresh seed when the host says so (VMs restored from a golden snapshot)";
+    wantedBy = [ "multi-user.target" ];
+    after = [ "sandbox-ready.service" ];
+    path = with pkgs; [ coreutils gnutar gnugrep gnused iproute2 util-linux systemd
+                        (pkgs.python3.withPackages (ps: [ ps.ipykernel ])) ];
+    serviceConfig = {
+      Type = "simple";
+      ExecStart = reseedScript;
+      Restart = "always";
     };
   };
 

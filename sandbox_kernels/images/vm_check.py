@@ -30,6 +30,7 @@ from ..ssh.keys import KeyPair, generate_keypair, parse_public_key
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import AccelChoice, choose_domain_type
 from ..vm.boot import free_port, wait_ready
+from ..vm.golden import reseed
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import DEFAULT_URI, LibvirtHost
 from ..vm.overlay import check_base_image, create_overlay, create_workspace
@@ -81,6 +82,7 @@ class TrialVM:
         accel: the accelerator choice it runs with.
         started: ``time.monotonic()`` when the domain was started.
         ready_after: seconds from start to ``SANDBOX-READY``.
+        reseed_socket: the unix socket wired to the guest's reseed port (ttyS1).
         connect_timeout: seconds :meth:`connect` keeps retrying.
     """
 
@@ -93,6 +95,7 @@ class TrialVM:
     accel: AccelChoice
     started: float
     ready_after: float
+    reseed_socket: str = ""
     connect_timeout: float = 60.0
 
     def connect(self) -> paramiko.SSHClient:
@@ -147,7 +150,7 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
             kernel=str(kernel_path), initrd=str(initrd_path) if initrd_path else None,
             root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=free_port(),
             allow_network=allow_network, workspace=str(workspace) if workspace else None,
-            extra_cmdline=boot_cmdline(image),
+            reseed_socket=str(workdir / "reseed.sock"), extra_cmdline=boot_cmdline(image),
             labels={"sandbox-kernels.purpose": "image-check"}, persistent=persistent,
         )
         started = time.monotonic()
@@ -156,7 +159,7 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
         ready = wait_ready(host, name, serial_log, boot_timeout)
         remaining = max(boot_timeout - (time.monotonic() - started), 10.0)
         yield TrialVM(name, host, spec.ssh_port, hostname, host_key, client_key, choice,
-                      started, ready, remaining)
+                      started, ready, str(spec.reseed_socket), remaining)
     finally:
         try:
             if name:
@@ -196,6 +199,7 @@ def check_image(path: str, kernel: str | None = None, initrd: str | None = None,
         with _muted("paramiko.transport"), contextlib.closing(vm.connect()) as client:
             ssh_up = time.monotonic() - vm.started
             results = _run_checks(client, vm.port, vm.hostname)
+        results.append(_check_reseed(vm))
     total = time.monotonic() - started
     lines = [f"image check {path}",
              f"  accelerator: {vm.accel.domain_type} ({vm.accel.reason})",
@@ -309,6 +313,19 @@ def _run_checks(client: paramiko.SSHClient, port: int, hostname: str) -> list[Ch
             ok, detail = False, f"{type(e).__name__}: {e}"
         results.append(CheckResult(name, ok, detail))
     return results
+
+
+def _check_reseed(vm: TrialVM) -> CheckResult:
+    """The reseed agent answers on ttyS1 and sshd serves again after it (golden snapshots)."""
+    name = "reseed on ttyS1 (VMs restored from a golden snapshot)"
+    try:
+        took = reseed(vm.reseed_socket, 60)
+        with _muted("paramiko.transport"), contextlib.closing(vm.connect()) as client:
+            code, out, err = _run(client, "hostname")
+    except (SandboxError, OSError, EOFError, paramiko.SSHException) as e:
+        return CheckResult(name, False, f"{type(e).__name__}: {e}")
+    ok = code == 0 and out == vm.hostname
+    return CheckResult(name, ok, f"reseeded in {took:.1f} s; SSH login again, hostname {out!r}")
 
 
 def _check_user(client: paramiko.SSHClient) -> tuple[bool, str]:

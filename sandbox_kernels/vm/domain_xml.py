@@ -113,6 +113,8 @@ class DomainSpec:
         ssh_port: host port on 127.0.0.1 forwarded to the guest's port 22.
         allow_network: let the guest open outbound connections (``restrict=off``).
         workspace: a qcow2 workspace disk (``vdc``, serial ``sandbox-workspace``), or ``None``.
+        reseed_socket: a unix socket (QEMU listens) wired to the guest's second serial port,
+            where the host tells a VM restored from a golden snapshot to reseed; or ``None``.
         extra_cmdline: more kernel command line words (checked against a strict pattern).
         labels: owner labels stored in the domain's ``<metadata>``.
         persistent: hint for :class:`~sandbox_kernels.vm.libvirt_conn.LibvirtHost`.
@@ -130,6 +132,7 @@ class DomainSpec:
     ssh_port: int
     allow_network: bool = False
     workspace: str | None = None
+    reseed_socket: str | None = None
     extra_cmdline: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     persistent: bool = False
@@ -196,6 +199,9 @@ class DomainSpec:
         dom = ET.Element("domain", type=self.domain_type)
         ET.SubElement(dom, "name").text = self.name
         ET.SubElement(dom, "title").text = f"sandbox-kernels kernel {self.kernel_id}"
+        # A VM generation id: libvirt picks a new one per start, so a clone restored from a
+        # golden snapshot tells its guest kernel (vmgenid) to reseed its random generator.
+        ET.SubElement(dom, "genid")
         metadata = ET.SubElement(dom, "metadata")
         sandbox = ET.SubElement(metadata, f"{{{METADATA_NS}}}sandbox")
         ET.SubElement(sandbox, f"{{{METADATA_NS}}}kernel-id").text = self.kernel_id
@@ -223,6 +229,10 @@ class DomainSpec:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(self.serial_log), append="off")
         ET.SubElement(serial, "target", port="0")
+        if self.reseed_socket:
+            reseed = ET.SubElement(devices, "serial", type="unix")
+            ET.SubElement(reseed, "source", mode="bind", path=str(self.reseed_socket))
+            ET.SubElement(reseed, "target", port="1")
         rng = ET.SubElement(devices, "rng", model="virtio")
         ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
         ET.SubElement(devices, "memballoon", model="none")

@@ -31,6 +31,9 @@ from pathlib import Path
 from ..errors import SandboxConfigError
 
 SECTOR = 512
+#: Every seed disk has this size: a VM restored from a golden snapshot keeps the disk size the
+#: golden VM's kernel saw, so its own seed must fit the same disk.
+SEED_SIZE = 64 * 1024
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _MEMBERS = ("ssh_host_ed25519_key", "authorized_keys", "hostname", "network", "random_seed",
             "workspace")
@@ -58,7 +61,7 @@ def build_seed(
     random_seed: bytes = b"",
     workspace: bool = False,
 ) -> bytes:
-    """The seed archive as bytes, padded to a multiple of 512 bytes.
+    """The seed archive as bytes, padded to ``SEED_SIZE``.
 
     Raises:
         SandboxConfigError: a bad host name, a host key that is not an OpenSSH private key,
@@ -92,7 +95,10 @@ def build_seed(
             info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
     data = buffer.getvalue()
-    return data + b"\0" * (-len(data) % SECTOR)
+    if len(data) > SEED_SIZE:
+        raise SandboxConfigError(f"the seed is {len(data)} bytes, more than the seed disk's "
+                                 f"{SEED_SIZE}: use shorter authorized_keys.")
+    return data + b"\0" * (SEED_SIZE - len(data))
 
 
 def write_seed_disk(
@@ -104,7 +110,7 @@ def write_seed_disk(
     random_seed: bytes = b"",
     workspace: bool = False,
 ) -> Path:
-    """Write the seed disk image to ``path`` (mode 0600, a multiple of 512 bytes).
+    """Write the seed disk image to ``path`` (mode 0600, ``SEED_SIZE`` bytes).
 
     Args:
         path: the raw disk file to create or replace; symbolic links are refused.
