@@ -98,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Sub-commands defined by feature modules (snapshots, reaping)."""
+    """Sub-commands defined by feature modules (snapshots, reaping, golden VM snapshots)."""
     import importlib
 
     found = []
-    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap"):
+    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.vm.golden_cli"):
         try:
             found.append(importlib.import_module(name).add_parser)
         except ModuleNotFoundError:

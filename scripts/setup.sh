@@ -52,6 +52,8 @@ log "installing kernelspecs into .venv"
 log "building images (cached by recipe hash under ~/.cache/sandbox-kernels)"
 .venv/bin/sandbox-kernels image build docker
 .venv/bin/sandbox-kernels image build vm
+log "building the golden memory snapshot VM kernels start from (cached by its key, ~25 s cold)"
+.venv/bin/sandbox-kernels vm golden --prune
 
 log "building the Kubernetes test cluster binaries (test infrastructure; cached, 15-17 min cold)"
 bash tests/infra/k8s/build.sh > /dev/null   # progress lines go to stderr

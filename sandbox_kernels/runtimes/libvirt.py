@@ -10,13 +10,15 @@ qcow2 snapshots: of the running domain with its memory (libvirt), or of its disk
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
 import socket
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Float, Int, List, Unicode, default, validate
@@ -29,15 +31,26 @@ from ..settings import check_name, env_default
 from ..snapshots.model import Capabilities, Snapshot
 from ..ssh.keys import create_sandbox_keys, load_private_key
 from ..ssh.tunnel import SSHTunnel
-from ..vm import disk_snapshots, image_policy, overlay
+from ..vm import disk_snapshots, golden, image_policy, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import LibvirtHost
 from ..vm.seed import write_seed_disk
 from ..vm.slots import VMSlot, acquire_slot
+from ..provisioning.base import _shielded, _track
 from .tunnelled import TunnelledProvisioner
 
+#: Wait (in the guest) until the preloader has imported ipykernel; exit 3 with its log if it died.
+_WAIT_PRELOADED = r"""
+log=$1 pid=$2
+while kill -0 "$pid" 2>/dev/null; do
+    grep -q '^preloaded' "$log" 2>/dev/null && exit 0
+    sleep 0.1
+done
+tail -n 30 "$log"
+exit 3
+"""
 
 
 class LibvirtProvisioner(TunnelledProvisioner):
@@ -86,6 +99,12 @@ class LibvirtProvisioner(TunnelledProvisioner):
                    help="Keep a process in the VM that has imported ipykernel and fork each kernel "
                         "from it: a restart costs a fork instead of an import (10-15 s under TCG). "
                         "Used when the kernelspec runs `python -m ipykernel_launcher`.")
+    golden_snapshot = Bool(True, config=True,
+                           help="Start the VM from this configuration's golden memory snapshot "
+                                "(a booted guest with ipykernel imported) when one has been built "
+                                "with `sandbox-kernels vm golden`, instead of booting it. "
+                                "Env: NIXOS_VM_GOLDEN_SNAPSHOT.")
+    _golden_snapshot_default = env_default("golden_snapshot", "NIXOS_VM_GOLDEN_SNAPSHOT")
     libvirt_uri = Unicode("qemu:///system", config=True, help="libvirt connection URI.")
     image_dirs = List(Unicode(), config=True,
                       help="Directories base images, guest kernels and backing files may come from "
@@ -141,6 +160,9 @@ class LibvirtProvisioner(TunnelledProvisioner):
         self._slot: VMSlot | None = None
         self.ssh_port: int | None = None
         self._keys: dict[str, str] = {}
+        #: How the VM started: "boot", or "golden" (restored from a golden snapshot).
+        self.start_mode = ""
+        self._golden_inputs: dict[str, Any] = {}
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -202,8 +224,41 @@ class LibvirtProvisioner(TunnelledProvisioner):
         return self._host
 
     async def create_sandbox(self) -> None:
-        """Overlay, keys, seed, domain; then wait for the guest's sshd."""
+        """Overlay, keys, seed, domain; then wait for the guest's sshd.
+
+        With a golden snapshot for this configuration the VM is restored from it (and its
+        preloader is ready); without one, or if the restore fails, it boots.
+        """
         self._preloader_pid = None  # a new machine has none yet
+        self.start_mode = "boot"
+        spec, base = await self._prepare_vm()
+        host = await self._libvirt()
+        console = Path(spec.serial_log)
+        found = await to_thread(golden.load, self._golden_key(spec)) if self._golden_eligible() else None
+        if found is not None:
+            try:
+                await self._restore_golden(spec, found)
+                self.start_mode = "golden"
+                return
+            except (SandboxError, OSError) as e:
+                self.log.warning("Kernel %s: could not start from golden snapshot %s (%s); booting "
+                                 "instead", self.kernel_id, found.key, e)
+                await self.close_tunnel()
+                await to_thread(host.destroy, self.sandbox_name)
+                await to_thread(overlay.remove_images, self._image_dir)
+                root = await to_thread(overlay.create_overlay, base, self._image_dir)
+                uid, gids = await to_thread(host.emulator_identity)
+                await to_thread(ensure_emulator_access, [str(root)], uid, gids)
+                console.write_bytes(b"")
+        elif self._golden_eligible():
+            self.log.info("Kernel %s: no golden snapshot for this VM configuration; booting "
+                          "(`sandbox-kernels vm golden` makes VM starts several times faster)",
+                          self.kernel_id)
+        await to_thread(host.start, spec)
+        await self._wait_for_ssh(console)
+
+    async def _prepare_vm(self) -> tuple[DomainSpec, Path]:
+        """Check the images, then make the keys, seed, overlay and console; return the domain."""
         await to_thread(image_policy.check_image, self.base_image, "base_image",
                         image_policy.allowed_dirs(self.image_dirs))
         base = await to_thread(overlay.check_base_image, self.base_image)
@@ -239,6 +294,7 @@ class LibvirtProvisioner(TunnelledProvisioner):
         console.touch(mode=0o600)
         self.ssh_port = _free_port()
         paths = [str(p) for p in (root, seed, console, self._kernel_path, self._initrd_path, workspace) if p]
+        paths.append(str(state))  # QEMU creates the reseed socket there
         uid, gids = await to_thread(host.emulator_identity)
         await to_thread(ensure_emulator_access, paths, uid, gids)
         spec = DomainSpec(
@@ -246,10 +302,119 @@ class LibvirtProvisioner(TunnelledProvisioner):
             vcpus=self.vcpus, kernel=self._kernel_path, initrd=self._initrd_path, root=str(root),
             seed=str(seed), serial_log=str(console), ssh_port=self.ssh_port,
             allow_network=self.allow_network, workspace=workspace, labels=self.labels,
+            reseed_socket=str(state / "reseed.sock"),
             extra_cmdline=boot_cmdline(self.base_image) + tuple(self.extra_cmdline),
         )
+        return spec, base
+
+    # -- golden snapshots (vm/golden.py) ----------------------------------------------------------
+
+    def _golden_eligible(self) -> bool:
+        """Golden snapshots serve preloaded kernels in VMs without a workspace disk."""
+        argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
+        return (self.golden_snapshot and self.preload and not self.workspace
+                and argv[1:3] == ["-m", "ipykernel_launcher"])
+
+    def _golden_env(self) -> dict[str, str]:
+        """The preloader's environment in a golden VM: the kernelspec's, nothing per kernel."""
+        env = dict(self.kernel_spec.env or {}) if self.kernel_spec is not None else {}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _golden_key(self, spec: DomainSpec) -> str:
+        """The key of the golden snapshot a VM with ``spec`` can be restored from."""
+        script = resources.files("sandbox_kernels.runtimes").joinpath("kernel_preloader.py").read_bytes()
+        inputs = {
+            "base": golden.file_identity(self.base_image),
+            "kernel": golden.file_identity(spec.kernel),
+            "initrd": golden.file_identity(spec.initrd) if spec.initrd else None,
+            "domain_type": spec.domain_type, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
+            "cmdline": spec.cmdline, "network": spec.allow_network, "user": self.ssh_user,
+            "python": self.kernel_spec.argv[0], "env": self._golden_env(),
+            "preloader": hashlib.sha256(script).hexdigest(), "cwd": self.remote_cwd(),
+        }
+        self._golden_inputs = inputs
+        return golden.golden_key(inputs)
+
+    async def _restore_golden(self, spec: DomainSpec, found: golden.Golden) -> None:
+        """Start the VM by reverting a copy of the golden overlay, then reseed it."""
+        started = time.monotonic()
+        host = await self._libvirt()
+        await to_thread(golden.copy_overlay, found, Path(spec.root))
+        copied = time.monotonic()
+        await to_thread(host.start, spec, True)
+        await asyncio.wait_for(to_thread(host.load_snapshot, self.sandbox_name, golden.SNAPSHOT),
+                               self.ssh_ready_timeout)
+        await to_thread(host.resume, self.sandbox_name)
+        restored = time.monotonic()
+        await to_thread(golden.reseed, str(spec.reseed_socket), self.ssh_ready_timeout)
+        reseeded = time.monotonic()
+        await self._wait_for_ssh(Path(spec.serial_log))
+        self._preloader_pid = found.preloader_pid
+        self.log.info("Kernel %s: VM restored from golden snapshot %s in %.2f s (copy %.2f, "
+                      "revert %.2f, reseed %.2f, ssh %.2f)", self.kernel_id, found.key,
+                      time.monotonic() - started, copied - started, restored - copied,
+                      reseeded - restored, time.monotonic() - reseeded)
+
+    async def build_golden(self) -> golden.Golden:
+        """Boot a VM, start the preloader in it, and keep its memory snapshot as the golden one.
+
+        Call on a provisioner configured like the kernelspec it serves, with a kernel id of
+        its own (the VM is named and labelled like any other, so a crash leaves nothing that
+        `sandbox-kernels reap` cannot remove). A second builder of the same key waits for the
+        first and returns its result.
+
+        Raises:
+            SandboxConfigError: this configuration cannot use golden snapshots.
+            SandboxError / SandboxTimeout: the VM did not boot or the preloader failed.
+        """
+        self.validate_settings()
+        _track(self)  # removed at interpreter exit if this is interrupted
+        if not self._golden_eligible():
+            raise SandboxConfigError(
+                "golden snapshots need golden_snapshot and preload on, no workspace, and a "
+                "kernelspec that runs `python -m ipykernel_launcher`.")
+        root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
+        self._slot = await acquire_slot(root, self.max_concurrent_vms, self.queue_timeout,
+                                        self.log, f"golden snapshot build {self.kernel_id}")
+        try:
+            spec, _base = await self._prepare_vm()
+            key = self._golden_key(spec)
+            with golden.build_lock(key):
+                existing = await to_thread(golden.load, key)
+                if existing is not None:
+                    return existing
+                return await self._build_golden(spec, key)
+        finally:
+            await _shielded(self._teardown())
+
+    async def _build_golden(self, spec: DomainSpec, key: str) -> golden.Golden:
+        host = await self._libvirt()
+        self.log.info("Golden snapshot %s: booting the VM", key)
         await to_thread(host.start, spec)
-        await self._wait_for_ssh(console)
+        await self._wait_for_ssh(Path(spec.serial_log))
+        tunnel = await self._tunnel_ready()
+        rdir = self.remote_dir()
+        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+        self.log.info("Golden snapshot %s: importing ipykernel in the guest", key)
+        await self._start_preloader(tunnel, self.kernel_spec.argv[0], self._golden_env())
+        result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_PRELOADED, "sandbox-kernels-preload",
+                                                 f"{rdir}/preloader.log", str(self._preloader_pid)],
+                                    None, self.launch_timeout)
+        if result.exit_code != 0:
+            raise SandboxStartError(f"the kernel preloader failed in the golden VM. Its log:\n"
+                                    f"{result.stdout.decode(errors='replace')}")
+        await self.close_tunnel()
+        await asyncio.sleep(1.0)  # let the guest end the SSH sessions before the snapshot
+        self.log.info("Golden snapshot %s: saving the VM's memory", key)
+        await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, golden.SNAPSHOT, True),
+                               self.job_completion_timeout)
+        snapshot_xml = (await to_thread(host.snapshot_xmls, self.sandbox_name))[0]
+        await to_thread(host.destroy, self.sandbox_name)
+        saved = await to_thread(golden.save, key, Path(spec.root), snapshot_xml,
+                                int(self._preloader_pid or 0), self._golden_inputs)
+        self.log.info("Golden snapshot %s saved (%d MiB)", key, saved.root.stat().st_size >> 20)
+        return saved
 
     async def _wait_for_ssh(self, console: Path, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Wait until ``connect`` succeeds (default: open the tunnel) once the guest is up."""
