@@ -345,6 +345,10 @@ class LibvirtProvisioner(TunnelledProvisioner):
         await to_thread(host.start, spec, True)
         await asyncio.wait_for(to_thread(host.load_snapshot, self.sandbox_name, golden.SNAPSHOT),
                                self.ssh_ready_timeout)
+        # Loading left the snapshot's memory image mapped in the overlay as well: without the
+        # snapshot itself those clusters are the clone's alone, so its own memory snapshots
+        # overwrite them in place instead of copying each one first.
+        await to_thread(disk_snapshots.delete, host, self.sandbox_name, golden.SNAPSHOT)
         await to_thread(host.resume, self.sandbox_name)
         restored = time.monotonic()
         await to_thread(golden.reseed, str(spec.reseed_socket), self.ssh_ready_timeout)
