@@ -64,10 +64,10 @@ def make_plan(runtime: str, args: argparse.Namespace) -> Plan:
     """Sample counts: slow runtimes (the VM under TCG, Kubernetes) get fewer."""
     slow = runtime in ("vm", "k8s")
     if args.quick:
-        plan = Plan(starts=1 if slow else 3, warm=1 if slow else 2, roundtrips=20, reps=1,
+        plan = Plan(starts=1 if slow else 3, golden=2, warm=1 if slow else 2, roundtrips=20, reps=1,
                     stdout_bytes=10 * MiB, display_bytes=4 * MiB, snapshots=1)
     else:
-        plan = Plan(starts=5 if slow else 10, warm=3 if slow else 5, roundtrips=200,
+        plan = Plan(starts=5 if slow else 10, golden=5, warm=3 if slow else 5, roundtrips=200,
                     reps=1 if slow else 3, stdout_bytes=100 * MiB, display_bytes=20 * MiB,
                     snapshots=3 if slow else 5)
     if args.iterations is not None:
@@ -78,6 +78,8 @@ def make_plan(runtime: str, args: argparse.Namespace) -> Plan:
         plan.starts = max(1, args.starts)
     if runtime not in ("vm", "docker"):
         plan.snapshots = 0
+    if runtime != "vm":
+        plan.golden = 0
     return plan
 
 
@@ -145,7 +147,8 @@ async def run(args: argparse.Namespace, say: Progress, results: Results, meta: d
             if runtime != "local" and companion is None:
                 companion = await kernels.start(LOCAL_KERNEL)
             plan = make_plan(runtime, args)
-            say(f"{runtime}: {plan.starts} cold starts, {plan.warm} warm, {plan.roundtrips} round-trips, "
+            say(f"{runtime}: {plan.starts} cold starts, {plan.golden} from a golden snapshot, "
+                f"{plan.warm} restarts, {plan.roundtrips} round-trips, "
                 f"{plan.reps}x output, {plan.snapshots} snapshots")
             run_ = figures.Run(runtime, KERNELS[runtime], plan, kernels, results, say,
                                FOOTPRINTS.get(runtime), companion)
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, meta))
     stamp = started.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     path = write_json(results, meta, args.results, stamp)
-    plot = write_plot(results, [figures.START, figures.WARM], meta, args.results, stamp)
+    plot = write_plot(results, [figures.START, figures.GOLDEN, figures.WARM], meta, args.results, stamp)
     print(f"\nresults: {path} (and latest.json)")
     print(f"plot: {plot} (and latest.png)" if plot else
           "plot: skipped, matplotlib is not installed (pip install 'sandbox-kernels[bench]')")
