@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import SandboxConnectionError, SandboxError, SandboxNotFound
+from ..errors import SandboxConnectionError, SandboxError
 from ..ssh.tunnel import listen_local
 
 _READ_SIZE = 1 << 16

@@ -4,20 +4,18 @@ Each kernel gets a copy-on-write overlay of the base image, a seed disk with fre
 SSH keys (client key, and the guest host key that is pinned), direct kernel boot, and QEMU
 user-mode networking whose only way in is the guest's port 22 forwarded to 127.0.0.1. The
 kernel is then started and reached over SSH exactly as on an SSH host. Snapshots are internal
-qcow2 snapshots: of the running domain with its memory (libvirt), or of its disks alone.
+qcow2 snapshots: of the running domain with its memory (libvirt), or of its disks alone
+(``vm_snapshots.py``); a VM can start from a golden memory snapshot (``vm_golden.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
 import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +26,21 @@ from ..cache import cache_dir
 from ..images.vm_image import boot_cmdline
 from ..errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout, SandboxUnavailable
 from ..settings import check_name, env_default
-from ..snapshots.model import Capabilities, Snapshot
 from ..ssh.keys import create_sandbox_keys, load_private_key
 from ..ssh.tunnel import SSHTunnel
-from ..vm import disk_snapshots, golden, image_policy, overlay
+from ..vm import golden, image_policy, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import LibvirtHost
 from ..vm.seed import write_seed_disk
 from ..vm.slots import VMSlot, acquire_slot
-from ..provisioning.base import _shielded, _track
 from .tunnelled import TunnelledProvisioner
-
-#: Wait (in the guest) until the preloader has imported ipykernel; exit 3 with its log if it died.
-_WAIT_PRELOADED = r"""
-log=$1 pid=$2
-while kill -0 "$pid" 2>/dev/null; do
-    grep -q '^preloaded' "$log" 2>/dev/null && exit 0
-    sleep 0.1
-done
-tail -n 30 "$log"
-exit 3
-"""
+from .vm_golden import GoldenStart
+from .vm_snapshots import VMSnapshots
 
 
-class LibvirtProvisioner(TunnelledProvisioner):
+class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     """Runs the kernel in its own libvirt/QEMU VM, reached only over SSH."""
 
     runtime = "libvirt"
@@ -307,119 +294,6 @@ class LibvirtProvisioner(TunnelledProvisioner):
         )
         return spec, base
 
-    # -- golden snapshots (vm/golden.py) ----------------------------------------------------------
-
-    def _golden_eligible(self) -> bool:
-        """Golden snapshots serve preloaded kernels in VMs without a workspace disk."""
-        argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
-        return (self.golden_snapshot and self.preload and not self.workspace
-                and argv[1:3] == ["-m", "ipykernel_launcher"])
-
-    def _golden_env(self) -> dict[str, str]:
-        """The preloader's environment in a golden VM: the kernelspec's, nothing per kernel."""
-        env = dict(self.kernel_spec.env or {}) if self.kernel_spec is not None else {}
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
-    def _golden_key(self, spec: DomainSpec) -> str:
-        """The key of the golden snapshot a VM with ``spec`` can be restored from."""
-        script = resources.files("sandbox_kernels.runtimes").joinpath("kernel_preloader.py").read_bytes()
-        inputs = {
-            "base": golden.file_identity(self.base_image),
-            "kernel": golden.file_identity(spec.kernel),
-            "initrd": golden.file_identity(spec.initrd) if spec.initrd else None,
-            "domain_type": spec.domain_type, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
-            "cmdline": spec.cmdline, "network": spec.allow_network, "user": self.ssh_user,
-            "python": self.kernel_spec.argv[0], "env": self._golden_env(),
-            "preloader": hashlib.sha256(script).hexdigest(), "cwd": self.remote_cwd(),
-        }
-        self._golden_inputs = inputs
-        return golden.golden_key(inputs)
-
-    async def _restore_golden(self, spec: DomainSpec, found: golden.Golden) -> None:
-        """Start the VM by reverting a copy of the golden overlay, then reseed it."""
-        started = time.monotonic()
-        host = await self._libvirt()
-        await to_thread(golden.copy_overlay, found, Path(spec.root))
-        copied = time.monotonic()
-        await to_thread(host.start, spec, True)
-        await asyncio.wait_for(to_thread(host.load_snapshot, self.sandbox_name, golden.SNAPSHOT),
-                               self.ssh_ready_timeout)
-        # Loading left the snapshot's memory image mapped in the overlay as well: without the
-        # snapshot itself those clusters are the clone's alone, so its own memory snapshots
-        # overwrite them in place instead of copying each one first.
-        await to_thread(disk_snapshots.delete, host, self.sandbox_name, golden.SNAPSHOT)
-        await to_thread(host.resume, self.sandbox_name)
-        restored = time.monotonic()
-        await to_thread(golden.reseed, str(spec.reseed_socket), self.ssh_ready_timeout)
-        reseeded = time.monotonic()
-        await self._wait_for_ssh(Path(spec.serial_log))
-        self._preloader_pid = found.preloader_pid
-        self.log.info("Kernel %s: VM restored from golden snapshot %s in %.2f s (copy %.2f, "
-                      "revert %.2f, reseed %.2f, ssh %.2f)", self.kernel_id, found.key,
-                      time.monotonic() - started, copied - started, restored - copied,
-                      reseeded - restored, time.monotonic() - reseeded)
-
-    async def build_golden(self) -> golden.Golden:
-        """Boot a VM, start the preloader in it, and keep its memory snapshot as the golden one.
-
-        Call on a provisioner configured like the kernelspec it serves, with a kernel id of
-        its own (the VM is named and labelled like any other, so a crash leaves nothing that
-        `sandbox-kernels reap` cannot remove). A second builder of the same key waits for the
-        first and returns its result.
-
-        Raises:
-            SandboxConfigError: this configuration cannot use golden snapshots.
-            SandboxError / SandboxTimeout: the VM did not boot or the preloader failed.
-        """
-        self.validate_settings()
-        _track(self)  # removed at interpreter exit if this is interrupted
-        if not self._golden_eligible():
-            raise SandboxConfigError(
-                "golden snapshots need golden_snapshot and preload on, no workspace, and a "
-                "kernelspec that runs `python -m ipykernel_launcher`.")
-        root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
-        self._slot = await acquire_slot(root, self.max_concurrent_vms, self.queue_timeout,
-                                        self.log, f"golden snapshot build {self.kernel_id}")
-        try:
-            spec, _base = await self._prepare_vm()
-            key = self._golden_key(spec)
-            with golden.build_lock(key):
-                existing = await to_thread(golden.load, key)
-                if existing is not None:
-                    return existing
-                return await self._build_golden(spec, key)
-        finally:
-            await _shielded(self._teardown())
-
-    async def _build_golden(self, spec: DomainSpec, key: str) -> golden.Golden:
-        host = await self._libvirt()
-        self.log.info("Golden snapshot %s: booting the VM", key)
-        await to_thread(host.start, spec)
-        await self._wait_for_ssh(Path(spec.serial_log))
-        tunnel = await self._tunnel_ready()
-        rdir = self.remote_dir()
-        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
-        self.log.info("Golden snapshot %s: importing ipykernel in the guest", key)
-        await self._start_preloader(tunnel, self.kernel_spec.argv[0], self._golden_env())
-        result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_PRELOADED, "sandbox-kernels-preload",
-                                                 f"{rdir}/preloader.log", str(self._preloader_pid)],
-                                    None, self.launch_timeout)
-        if result.exit_code != 0:
-            raise SandboxStartError(f"the kernel preloader failed in the golden VM. Its log:\n"
-                                    f"{result.stdout.decode(errors='replace')}")
-        await self.close_tunnel()
-        await asyncio.sleep(1.0)  # let the guest end the SSH sessions before the snapshot
-        self.log.info("Golden snapshot %s: saving the VM's memory", key)
-        await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, golden.SNAPSHOT, True),
-                               self.job_completion_timeout)
-        snapshot_xml = (await to_thread(host.snapshot_xmls, self.sandbox_name))[0]
-        await to_thread(host.destroy, self.sandbox_name)
-        saved = await to_thread(golden.save, key, Path(spec.root), snapshot_xml,
-                                int(self._preloader_pid or 0), self._golden_inputs)
-        self.log.info("Golden snapshot %s saved (%d MiB)", key, saved.root.stat().st_size >> 20)
-        return saved
-
     async def _wait_for_ssh(self, console: Path, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         """Wait until ``connect`` succeeds (default: open the tunnel) once the guest is up."""
         deadline = time.monotonic() + self.ssh_ready_timeout
@@ -522,119 +396,6 @@ class LibvirtProvisioner(TunnelledProvisioner):
         super().load_runtime_state(state)
         self.ssh_port = state.get("ssh_port")
         self._keys = state.get("keys", {})
-
-    # -- snapshots ------------------------------------------------------------------------------
-    # "memory": a libvirt internal snapshot of the running domain; rollback resumes it.
-    # "disk": an internal snapshot of the writable disks alone (vm/disk_snapshots.py); rollback
-    # boots the VM again from the restored disks and starts the kernel afresh.
-
-    def snapshot_capabilities(self) -> Capabilities:
-        """Memory snapshots (live, the default) and disk-only snapshots."""
-        return Capabilities(
-            kinds=["memory", "disk"], default_kind="memory",
-            note="A memory snapshot captures the whole machine, memory included: a rollback "
-                 "returns the kernel to that moment without restarting it. A disk snapshot is "
-                 "cheaper and keeps the disks only: a rollback boots the VM again on them and "
-                 "restarts the kernel (variables are not kept).",
-        )
-
-    def _meta_path(self) -> Path:
-        return self.state_dir / "snapshots.json"
-
-    def _snapshot_meta(self) -> dict[str, dict[str, Any]]:
-        if self._state_dir is None or not self._meta_path().exists():
-            return {}
-        return dict(json.loads(self._meta_path().read_text()))
-
-    def _save_meta(self, meta: dict[str, dict[str, Any]]) -> None:
-        self._meta_path().write_text(json.dumps(meta))
-
-    async def snapshot_list(self) -> list[Snapshot]:
-        """The snapshots libvirt (memory) and the disk images (disk) have, with our metadata."""
-        meta = self._snapshot_meta()
-        host = await self._libvirt()
-        present = set(await to_thread(host.snapshot_list, self.sandbox_name))
-        if any(m.get("kind") == "disk" for m in meta.values()):
-            present |= await to_thread(disk_snapshots.names, host, self.sandbox_name)
-        return [Snapshot(name=n, kind=m.get("kind", "memory"), created=m["created"], size=None,
-                         keep=bool(m.get("keep"))) for n, m in meta.items() if n in present]
-
-    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
-        """A memory snapshot (recording the kernel's pid and ports) or a disk-only one."""
-        host = await self._libvirt()
-        snap = Snapshot(name=name, kind=kind, keep=keep)
-        entry: dict[str, Any] = snap.to_dict()
-        if kind == "disk":
-            # Crash-consistent at least: flush the guest's page cache first.
-            tunnel = await self._tunnel_ready()
-            await self._remote(tunnel.run, ["sync"], None, self.job_completion_timeout)
-            entry["files"] = await asyncio.wait_for(
-                to_thread(disk_snapshots.create, host, self.sandbox_name, name), self.job_completion_timeout)
-        else:
-            await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, name, True),
-                                   self.job_completion_timeout)
-            entry.update(pid=self.pid, ports=self._remote_ports, preloader_pid=self._preloader_pid)
-        meta = self._snapshot_meta()
-        meta[name] = entry
-        self._save_meta(meta)
-        return snap
-
-    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
-        """Revert to the snapshot; returns whether the kernel was restarted (disk kind)."""
-        meta = self._snapshot_meta()[snapshot.name]
-        if snapshot.kind == "disk":
-            await self._rollback_disk(snapshot.name, meta["files"])
-            return True
-        host = await self._libvirt()
-        await asyncio.wait_for(to_thread(host.snapshot_revert, self.sandbox_name, snapshot.name),
-                               self.job_completion_timeout)
-        tunnel = await self._tunnel_ready()
-        await to_thread(tunnel.reconnect, self.ssh_ready_timeout)
-        self.pid = meta.get("pid")
-        self._preloader_pid = meta.get("preloader_pid")
-        await self._rewatch()
-        ports = meta.get("ports") or {}
-        if ports and ports != self._remote_ports:
-            await to_thread(self._forward, tunnel, ports)
-        return False
-
-    async def _rollback_disk(self, name: str, files: list[str]) -> None:
-        """Power the VM off, restore its disks, boot it again and start the kernel.
-
-        The domain comes back with the same configuration (ports, seed, keys), so the tunnel
-        and its local ports stay; libvirt's memory-snapshot metadata, which a transient
-        domain loses when it stops, is given back (the snapshots themselves are in the images).
-        """
-        host = await self._libvirt()
-        xml = await to_thread(host.restart_xml, self.sandbox_name)
-        memory_snapshots = await to_thread(host.snapshot_xmls, self.sandbox_name)
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        self.pid = self._preloader_pid = None
-        await to_thread(self._pause_forwards)
-        await to_thread(host.destroy, self.sandbox_name)
-        await to_thread(disk_snapshots.apply, files, name, self.job_completion_timeout)
-        console = self.state_dir / "console.log"
-        await to_thread(host.start_xml, self.sandbox_name, xml)
-        if memory_snapshots:
-            await to_thread(host.snapshot_redefine, self.sandbox_name, memory_snapshots)
-        tunnel = await self._tunnel_ready()
-        await self._wait_for_ssh(console, lambda: to_thread(tunnel.reconnect, 10))
-        await self.start_kernel(self._last_cmd, self._sandbox_env)
-        await self.wait_ready()
-
-    async def snapshot_delete(self, snapshot: Snapshot) -> None:
-        """Delete the snapshot from libvirt (memory) or from the disk images (disk)."""
-        host = await self._libvirt()
-        if snapshot.kind == "disk":
-            await to_thread(disk_snapshots.delete, host, self.sandbox_name, snapshot.name)
-        else:
-            await to_thread(host.snapshot_delete, self.sandbox_name, snapshot.name)
-        meta = self._snapshot_meta()
-        meta.pop(snapshot.name, None)
-        self._save_meta(meta)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -8,7 +8,6 @@ as the VM runtime. The host key must already be trusted (``known_hosts``) or pin
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
 from typing import Any

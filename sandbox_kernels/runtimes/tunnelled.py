@@ -9,7 +9,6 @@ forwards at the new kernel's ports; the local ports, and so the clients, never c
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
