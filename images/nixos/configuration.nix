@@ -23,14 +23,8 @@
 let
   authorizedKeysDir = "/etc/ssh/sandbox-authorized-keys";
 
-  # Reads the seed and applies it. Runs before sshd (which must not generate its own host key).
-  seedScript = pkgs.writeShellScript "sandbox-seed" ''
-    set -u
-    fail() {
-      echo "SANDBOX-FAILED: $*" > /dev/console
-      systemctl --no-block poweroff
-      exit 1
-    }
+  # disk_by_serial SERIAL: print /dev/vdX of the virtio disk with that serial (both scripts).
+  diskBySerial = ''
     disk_by_serial() {
       for block in /sys/block/*; do
         if [ -r "$block/serial" ] && [ "$(cat "$block/serial")" = "$1" ]; then
@@ -40,6 +34,17 @@ let
       done
       return 1
     }
+  '';
+
+  # Reads the seed and applies it. Runs before sshd (which must not generate its own host key).
+  seedScript = pkgs.writeShellScript "sandbox-seed" ''
+    set -u
+    fail() {
+      echo "SANDBOX-FAILED: $*" > /dev/console
+      systemctl --no-block poweroff
+      exit 1
+    }
+    ${diskBySerial}
 
     seed_dev=""
     for _ in $(seq 100); do
@@ -121,15 +126,7 @@ let
     grep -q '^1: uart:16550A' /proc/tty/driver/serial || exit 0
     stty -F /dev/ttyS1 raw -echo
     exec 3<> /dev/ttyS1
-    disk_by_serial() {
-      for block in /sys/block/*; do
-        if [ -r "$block/serial" ] && [ "$(cat "$block/serial")" = "$1" ]; then
-          echo "/dev/$(basename "$block")"
-          return 0
-        fi
-      done
-      return 1
-    }
+    ${diskBySerial}
     listener_inode() {
       ss -Hltne 'sport = :22' | sed -n 's/.* ino:\([0-9]*\).*/\1/p' | head -n 1
     }
