@@ -37,6 +37,7 @@ from ..snapshots.model import Capabilities, Snapshot
 from ..settings import check_env, check_name, default_state_root, env_default
 from ..aio import exiting
 from ..labels import owner_labels
+from ..policy import apply_kernelspec_config
 from ..snapshots.control import ControlServer
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
@@ -68,14 +69,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Names of variables from the Jupyter server's environment passed into the sandbox. "
         "The kernelspec's own 'env' is always passed; nothing else from the host leaks in.",
-    )
+    ).tag(widen="subset")
 
     state_root = Unicode(
         config=True,
         help="Directory for per-kernel state (ipc sockets, keys, logs, overlays); created 0700. "
         "Env: SANDBOX_KERNELS_STATE_DIR. Default: $XDG_RUNTIME_DIR/sandbox-kernels or "
         "/tmp/sandbox-kernels-<uid>.",
-    )
+    ).tag(widen="admin")
 
     @default("state_root")
     def _state_root_default(self) -> str:
@@ -90,12 +91,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"metadata.kernel_provisioner.config for {type(self).__name__}. "
                 f"Valid settings: {valid}."
             )
+        # Admin settings first (Jupyter config, the server's environment), then the
+        # kernelspec's, which may only narrow what the admin allows (see policy.py).
+        framework = {k: v for k, v in kwargs.items() if k in _FRAMEWORK_KWARGS}
         try:
-            super().__init__(**kwargs)
+            super().__init__(**framework)
         except TraitError as e:
             raise SandboxConfigError(
-                f"invalid kernelspec setting for {type(self).__name__}: {e}"
+                f"invalid setting for {type(self).__name__} in the Jupyter config: {e}"
             ) from e
+        apply_kernelspec_config(self, {k: v for k, v in kwargs.items() if k not in framework})
         self._has_process = False
         self._sandbox_ready = False
         self._busy = 0  # snapshot/rollback operations in progress: poll() reports alive
