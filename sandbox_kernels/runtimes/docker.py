@@ -60,12 +60,12 @@ class DockerProvisioner(SandboxProvisioner):
     network = Unicode("none", config=True,
                       help="'none' (default: no network, ipc sockets) or a Docker network name "
                       "such as 'bridge'; then ports are published on 127.0.0.1 only. "
-                      "Env: SANDBOX_DOCKER_NETWORK.")
+                      "Env: SANDBOX_DOCKER_NETWORK.").tag(widen="admin", narrowest="none")
     _network_default = env_default("network", "SANDBOX_DOCKER_NETWORK")
 
     read_only = Bool(False, config=True,
                      help="Read-only root filesystem; the work dir and /tmp stay writable "
-                     "(tmpfs). Env: SANDBOX_DOCKER_READ_ONLY.")
+                     "(tmpfs). Env: SANDBOX_DOCKER_READ_ONLY.").tag(widen="false")
     _read_only_default = env_default("read_only", "SANDBOX_DOCKER_READ_ONLY")
 
     workdir = Unicode("/home/executor", config=True, help="The kernel's working directory.")

@@ -64,13 +64,13 @@ class KubernetesProvisioner(SandboxProvisioner):
 
     kubeconfig = Unicode("", config=True,
                          help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config; in a pod, "
-                         "its service account). Env: SANDBOX_K8S_KUBECONFIG.")
+                         "its service account). Env: SANDBOX_K8S_KUBECONFIG.").tag(widen="admin")
     _kubeconfig_default = env_default("kubeconfig", "SANDBOX_K8S_KUBECONFIG")
     context = Unicode("", config=True, help="kubeconfig context (default: the current one). "
-                      "Env: SANDBOX_K8S_CONTEXT.")
+                      "Env: SANDBOX_K8S_CONTEXT.").tag(widen="admin")
     _context_default = env_default("context", "SANDBOX_K8S_CONTEXT")
     namespace = Unicode("default", config=True, help="Namespace of the kernel pods. "
-                        "Env: SANDBOX_K8S_NAMESPACE.")
+                        "Env: SANDBOX_K8S_NAMESPACE.").tag(widen="admin")
     _namespace_default = env_default("namespace", "SANDBOX_K8S_NAMESPACE")
     image = Unicode(DEFAULT_IMAGE, config=True,
                     help="Image with python3, ipykernel and a user of uid 1000. Env: SANDBOX_K8S_IMAGE.")
@@ -83,14 +83,14 @@ class KubernetesProvisioner(SandboxProvisioner):
         config=True,
         help="The container's resources: {'requests': {'cpu': ..., 'memory': ...}, 'limits': {...}} "
         "in Kubernetes quantities ('500m', '2Gi').")
-    node_selector = Dict(config=True, help="Node labels the pod must be scheduled on.")
+    node_selector = Dict(config=True, help="Node labels the pod must be scheduled on.").tag(widen="admin")
     tolerations = List(Dict(), config=True,
-                       help="Tolerations, as Kubernetes writes them ({'key', 'operator', 'value', 'effect'}).")
+                       help="Tolerations, as Kubernetes writes them ({'key', 'operator', 'value', 'effect'}).").tag(widen="admin")
     service_account = Unicode("", config=True, help="The pod's service account (default: the "
-                              "namespace's 'default').")
+                              "namespace's 'default').").tag(widen="admin")
     automount_service_account_token = Bool(False, config=True,
                                            help="Mount the service account's token in the pod "
-                                           "(off: the kernel gets no cluster credentials).")
+                                           "(off: the kernel gets no cluster credentials).").tag(widen="true")
     python = Unicode("python3", config=True, help="Python in the image (runs the pod's init and "
                      "the kernel).")
     schedule_timeout = Float(10.0, config=True,

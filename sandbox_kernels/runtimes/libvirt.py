@@ -50,9 +50,9 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     guest_kernel = Unicode("", config=True, help="Kernel for direct boot (default: <image>.vmlinuz).")
     guest_initrd = Unicode("", config=True, help="Initrd for direct boot (default: <image>.initrd).")
     images_dir = Unicode(config=True,
-                         help="Where per-kernel overlays go. Env: NIXOS_EPHEMERAL_VM_IMAGES_DIR.")
+                         help="Where per-kernel overlays go. Env: NIXOS_EPHEMERAL_VM_IMAGES_DIR.").tag(widen="admin")
     workspace_dir = Unicode(config=True,
-                            help="Persistent workspace disks. Env: NIXOS_WORKSPACE_VM_IMAGES_DIR.")
+                            help="Persistent workspace disks. Env: NIXOS_WORKSPACE_VM_IMAGES_DIR.").tag(widen="admin")
     workspace = Unicode("", config=True,
                         help="Name of a persistent workspace disk mounted at the working directory.")
     workspace_size = Unicode("4g", config=True, help="Size of a new workspace disk.")
@@ -61,11 +61,11 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     vcpus = Int(1, config=True, help="Guest CPUs. Env: NIXOS_VM_DEFAULT_VCPUS.")
     _vcpus_default = env_default("vcpus", "NIXOS_VM_DEFAULT_VCPUS")
     max_concurrent_vms = Int(2, config=True,
-                             help="VMs at once on this host; more kernels wait. Env: NIXOS_MAX_CONCURRENT_VMS.")
+                             help="VMs at once on this host; more kernels wait. Env: NIXOS_MAX_CONCURRENT_VMS.").tag(widen="higher")
     _max_concurrent_vms_default = env_default("max_concurrent_vms", "NIXOS_MAX_CONCURRENT_VMS")
     queue_timeout = Float(3600.0, config=True, help="Seconds a kernel may wait for a VM slot.")
     ssh_key_path = Unicode("", config=True,
-                           help="A static client key instead of a fresh one per VM. Env: NIXOS_VM_SSH_KEY_PATH.")
+                           help="A static client key instead of a fresh one per VM. Env: NIXOS_VM_SSH_KEY_PATH.").tag(widen="admin")
     _ssh_key_path_default = env_default("ssh_key_path", "NIXOS_VM_SSH_KEY_PATH")
     ssh_user = Unicode("executor", config=True, help="Guest user. Env: NIXOS_VM_SSH_USER.")
     _ssh_user_default = env_default("ssh_user", "NIXOS_VM_SSH_USER")
@@ -75,12 +75,12 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     job_completion_timeout = Float(300.0, config=True,
                                    help="Seconds a snapshot or rollback may take. Env: NIXOS_JOB_COMPLETION_TIMEOUT.")
     _job_completion_timeout_default = env_default("job_completion_timeout", "NIXOS_JOB_COMPLETION_TIMEOUT")
-    enabled = Bool(True, config=True, help="Allow VM kernels on this server. Env: NIXOS_SANDBOX_ENABLED.")
+    enabled = Bool(True, config=True, help="Allow VM kernels on this server. Env: NIXOS_SANDBOX_ENABLED.").tag(widen="true")
     _enabled_default = env_default("enabled", "NIXOS_SANDBOX_ENABLED")
     accelerator = Unicode("auto", config=True,
                           help="'auto' (probe KVM, fall back to TCG), 'kvm' or 'qemu'. Env: SANDBOX_KERNELS_VM_ACCEL.")
     _accelerator_default = env_default("accelerator", "SANDBOX_KERNELS_VM_ACCEL")
-    allow_network = Bool(False, config=True, help="Let the guest open outbound connections.")
+    allow_network = Bool(False, config=True, help="Let the guest open outbound connections.").tag(widen="true")
     fresh_vm_on_restart = Bool(False, config=True, help="Restart the kernel in a new VM, not the same one.")
     preload = Bool(True, config=True,
                    help="Keep a process in the VM that has imported ipykernel and fork each kernel "
@@ -92,11 +92,11 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
                                 "with `sandbox-kernels vm golden`, instead of booting it. "
                                 "Env: NIXOS_VM_GOLDEN_SNAPSHOT.")
     _golden_snapshot_default = env_default("golden_snapshot", "NIXOS_VM_GOLDEN_SNAPSHOT")
-    libvirt_uri = Unicode("qemu:///system", config=True, help="libvirt connection URI.")
+    libvirt_uri = Unicode("qemu:///system", config=True, help="libvirt connection URI.").tag(widen="admin")
     image_dirs = List(Unicode(), config=True,
                       help="Directories base images, guest kernels and backing files may come from "
                            "(default: the image cache, /var/lib/sandbox-kernels/images and the "
-                           "directory of NIXOS_SANDBOX_BASE_IMAGE). Env: SANDBOX_KERNELS_VM_IMAGE_DIRS.")
+                           "directory of NIXOS_SANDBOX_BASE_IMAGE). Env: SANDBOX_KERNELS_VM_IMAGE_DIRS.").tag(widen="subset")
     extra_cmdline = List(Unicode(), config=True,
                          help="Extra guest kernel command-line words (e.g. 'console=ttyS0').")
 
