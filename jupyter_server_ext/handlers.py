@@ -24,6 +24,7 @@ from sandbox_kernels.errors import (
     SandboxConnectionError,
     SandboxError,
     SandboxNotFound,
+    SandboxQuotaExceeded,
     SandboxTimeout,
     SandboxUnavailable,
 )
@@ -32,6 +33,7 @@ _MAX_BODY = 16 * 1024
 _NAME = r"[^/]+"
 _KERNEL = r"[A-Za-z0-9_.-]+"
 _STATUS = [
+    (SandboxQuotaExceeded, 409),  # a per-kernel bound: free space (the message says how)
     (SandboxConfigError, 400),
     (SandboxNotFound, 404),
     (SandboxTimeout, 504),

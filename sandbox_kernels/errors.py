@@ -39,3 +39,7 @@ class SandboxNotFound(SandboxError, LookupError):
 
 class SandboxStartError(SandboxError, RuntimeError):
     """The sandbox or the kernel in it failed to start."""
+
+
+class SandboxQuotaExceeded(SandboxError, RuntimeError):
+    """A per-kernel bound (snapshot count or bytes) would be exceeded; free space first."""

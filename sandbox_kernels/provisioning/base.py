@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Float, List, TraitError, Unicode, default
+from traitlets import Float, Int, List, TraitError, Unicode, default
 
 from ..errors import SandboxConfigError, SandboxError, SandboxTimeout, SandboxUnavailable
 from ..snapshots.model import Capabilities, Snapshot
@@ -39,6 +39,7 @@ from ..aio import exiting
 from ..labels import owner_labels
 from ..policy import apply_kernelspec_config
 from ..snapshots.control import ControlServer
+from ..snapshots.quota import ByteSize
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
@@ -81,6 +82,27 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @default("state_root")
     def _state_root_default(self) -> str:
         return default_state_root()
+
+    snapshot_max_count = Int(
+        10,
+        min=0,
+        config=True,
+        help="Snapshots one kernel may hold, kept ones included; taking one more fails with "
+        "409 until one is deleted. Ten checkpoints cover a notebook session; each VM memory "
+        "snapshot holds the guest's memory. Env: SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT.",
+    ).tag(widen="higher")
+    _snapshot_max_count_default = env_default("snapshot_max_count", "SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT")
+
+    snapshot_max_bytes = ByteSize(
+        10 * 1024**3,
+        min=0,
+        config=True,
+        help="Bytes one kernel's snapshots may use together, kept ones included (a number or "
+        "a size such as '10g'); a snapshot that would go over is removed again and fails with "
+        "409. Counts what a runtime reports per snapshot (Docker: the committed layer). "
+        "Env: SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES.",
+    ).tag(widen="higher")
+    _snapshot_max_bytes_default = env_default("snapshot_max_bytes", "SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES")
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _FRAMEWORK_KWARGS - set(self.class_trait_names(config=True)))

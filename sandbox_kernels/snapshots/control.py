@@ -15,7 +15,13 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SandboxConfigError, SandboxConnectionError, SandboxError, SandboxNotFound
+from ..errors import (
+    SandboxConfigError,
+    SandboxConnectionError,
+    SandboxError,
+    SandboxNotFound,
+    SandboxQuotaExceeded,
+)
 from ..settings import check_name, default_state_root
 
 if TYPE_CHECKING:
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
 
 SOCKET_NAME = "control.sock"
 _MAX_REQUEST = 64 * 1024
-_ERRORS = {"SandboxConfigError": SandboxConfigError, "SandboxNotFound": SandboxNotFound}
+_ERRORS = {cls.__name__: cls for cls in (SandboxConfigError, SandboxNotFound, SandboxQuotaExceeded)}
 
 
 class ControlServer:
@@ -110,6 +116,7 @@ class SnapshotClient:
         Raises:
             SandboxNotFound: no running sandbox kernel with that id (or the snapshot is missing).
             SandboxConfigError: the request was refused (bad name, ...).
+            SandboxQuotaExceeded: the kernel's snapshot quota is used up.
             SandboxError: the operation failed.
         """
         if not self.path.exists():

@@ -14,9 +14,10 @@ import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SandboxConfigError, SandboxNotFound
+from ..errors import SandboxConfigError, SandboxNotFound, SandboxQuotaExceeded
 from ..settings import check_name
 from .model import Capabilities, RollbackResult, Snapshot
+from .quota import Quota
 
 if TYPE_CHECKING:
     from ..provisioning.base import SandboxProvisioner
@@ -43,6 +44,9 @@ class SnapshotService:
 
         Raises:
             SandboxConfigError: bad name, unknown kind, or the name is taken.
+            SandboxQuotaExceeded: the kernel holds ``snapshot_max_count`` snapshots already,
+                or this one would take its snapshots over ``snapshot_max_bytes`` (then it is
+                deleted again).
             SandboxError: the runtime failed.
         """
         caps = self.capabilities()
@@ -54,9 +58,18 @@ class SnapshotService:
             )
         name = check_name(name or _generated_name(), "snapshot name")
         async with self._lock, self.provisioner.busy():
-            if any(s.name == name for s in await self.provisioner.snapshot_list()):
+            existing = await self.provisioner.snapshot_list()
+            if any(s.name == name for s in existing):
                 raise SandboxConfigError(f"a snapshot named {name!r} already exists for this kernel; pick another name.")
-            return await self.provisioner.snapshot_create(name, kind, keep)
+            quota = Quota.of(self.provisioner)
+            quota.check_room(existing)
+            snap = await self.provisioner.snapshot_create(name, kind, keep)
+            try:
+                quota.check_taken(existing, snap)
+            except SandboxQuotaExceeded:
+                await self.provisioner.snapshot_delete(snap)
+                raise
+            return snap
 
     async def rollback(self, name: str) -> RollbackResult:
         """Return the kernel's sandbox to snapshot ``name``.
