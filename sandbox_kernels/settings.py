@@ -18,7 +18,7 @@ from .errors import SandboxConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -82,7 +82,7 @@ def check_name(value: str, what: str) -> str:
         SandboxConfigError: the name has characters outside ``[A-Za-z0-9_.-]``, starts with
             a dot or dash, or is longer than 63 characters.
     """
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise SandboxConfigError(
             f"{what} {value!r} is not allowed: use 1-63 letters, digits, '_', '.' or '-', "
             f"starting with a letter or digit."
@@ -97,7 +97,7 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
         SandboxConfigError: a name is not a valid shell identifier, or a value is not text.
     """
     for name, value in env.items():
-        if not ENV_NAME_PATTERN.match(name):
+        if not ENV_NAME_PATTERN.fullmatch(name):
             raise SandboxConfigError(
                 f"environment variable name {name!r} in the kernelspec 'env' is not allowed: "
                 f"use letters, digits and '_', not starting with a digit."

@@ -140,7 +140,7 @@ def sandbox_key_dir(base: str | os.PathLike[str], sandbox_id: str) -> Path:
         SandboxConfigError: ``sandbox_id`` is not a plain name, or the directory is unsafe
             (see :func:`make_private_dir`).
     """
-    if not _SANDBOX_ID.match(sandbox_id):
+    if not _SANDBOX_ID.fullmatch(sandbox_id):
         raise SandboxConfigError(
             f"sandbox id {sandbox_id!r} cannot name a key directory: use letters, digits, "
             "'_', '.', '-', starting with a letter or digit."
