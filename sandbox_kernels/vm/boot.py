@@ -2,11 +2,14 @@
 
 The guest init prints ``SANDBOX-READY`` on the serial console once sshd listens, or
 ``SANDBOX-FAILED: <reason>`` before powering off. The console goes to a file
-(``<serial type='file'>``) whose tail is put into every boot error.
+(``<serial type='file'>``) whose tail is put into every boot error. The guest writes that
+file: it is only ever read from its end, a bounded number of bytes at a time (libvirt's
+virtlogd, which writes it, rotates it at its ``max_size``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -18,14 +21,28 @@ from .libvirt_conn import LibvirtHost
 READY_MARKER = "SANDBOX-READY"
 FAILED_MARKER = "SANDBOX-FAILED:"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
+#: The most bytes of the console read at once (a tail, or one poll while waiting for boot).
+READ_LIMIT = 64 * 1024
+
+
+def read_tail(path: str | Path, limit: int = READ_LIMIT) -> str:
+    """The last ``limit`` bytes of ``path``, decoded; empty if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - limit))
+            return f.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def console_tail(serial_log: str | Path, lines: int = 25) -> str:
     """The last ``lines`` lines of the serial console log (escape sequences removed)."""
     try:
-        text = Path(serial_log).read_bytes().decode(errors="replace")
+        os.stat(serial_log)
     except OSError as e:
         return f"(no console log: {e.strerror or e})"
+    text = read_tail(serial_log)
     shown = [_ANSI.sub("", line).rstrip() for line in text.splitlines()]
     shown = [line for line in shown if line]
     return "\n".join(shown[-lines:]) if shown else "(the console log is empty)"
@@ -52,8 +69,12 @@ def wait_ready(host: LibvirtHost, name: str, serial_log: str | Path, timeout: fl
     while True:
         try:
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < offset:  # rotated or truncated: start again from its beginning
+                    offset = 0
+                offset = max(offset, size - READ_LIMIT)  # skip what a flood wrote meanwhile
                 f.seek(offset)
-                chunk = f.read()
+                chunk = f.read(READ_LIMIT)
         except FileNotFoundError:
             chunk = b""
         offset += len(chunk)

@@ -34,7 +34,7 @@ SECTOR = 512
 #: Every seed disk has this size: a VM restored from a golden snapshot keeps the disk size the
 #: golden VM's kernel saw, so its own seed must fit the same disk.
 SEED_SIZE = 64 * 1024
-_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _MEMBERS = ("ssh_host_ed25519_key", "authorized_keys", "hostname", "network", "random_seed",
             "workspace")
 
@@ -45,7 +45,7 @@ def check_hostname(hostname: str) -> str:
     Raises:
         SandboxConfigError: the name is not a valid single-label host name.
     """
-    if not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
+    if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
         raise SandboxConfigError(
             f"guest hostname {hostname!r} is not allowed: use 1-63 letters, digits or '-', "
             "starting and ending with a letter or digit."
