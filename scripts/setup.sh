@@ -16,6 +16,7 @@ APT_PACKAGES=(
     docker.io debootstrap
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     openssh-server openssh-client e2fsprogs iproute2 zstd
+    passt nftables     # outbound network of VMs with allow_network (sandbox_kernels/vm/outbound.py)
     python3-ipykernel  # the "remote host" Python of the SSH-host tests
     chromium           # the browser test drives it with Playwright (never a downloaded browser)
 )
@@ -27,6 +28,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+# passt (the outbound NIC of VMs with allow_network) runs as this user; an nftables rule on
+# its uid keeps it off this machine's addresses.
+if ! id sandbox-kernels-net > /dev/null 2>&1; then
+    log "creating the system user sandbox-kernels-net (passt for VMs with allow_network)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sandbox-kernels-net
 fi
 
 scripts/daemons.sh

@@ -132,9 +132,10 @@ def test_network_flag_allows_outbound_but_not_the_host_loopback(image: str) -> N
     with throwaway_vm(image, allow_network=True) as vm, vm.connect() as client:
         _, out, _ = client.exec_command("ip route; cat /etc/resolv.conf")
         routes = out.read().decode()
-        assert "default via 10.0.2.2" in routes and "nameserver 10.0.2.3" in routes
-        # restrict=off: 10.0.2.2 is the host's 127.0.0.1, where this VM's own SSH forward
-        # listens. The kernel's user must not reach it (or any other host loopback service).
+        # Outbound goes through the passt NIC; slirp (eth0) keeps restrict=on.
+        assert "default via 10.0.3.2" in routes and "nameserver 10.0.3.3" in routes, routes
+        # 10.0.2.2 is slirp's host alias: the kernel's user fails fast on it (the guest's
+        # rule), and nothing behind it answers anyway (restrict=on; tests/hostile/test_vm.py).
         _, out, _ = client.exec_command(f"python3 -c {shlex.quote(_PROBE_HOST)} {vm.port}")
         result = out.read().decode().strip()
         assert result.startswith("PermissionError 13"), result
@@ -180,7 +181,7 @@ def test_seed_disk_round_trip(tmp_path: Path) -> None:
     minimal = read_seed(write_seed_disk(tmp_path / "min.img", host.private_openssh,
                                         client.public_line, "guest-2"))
     assert set(minimal) == {"ssh_host_ed25519_key", "authorized_keys", "hostname"}
-    for bad in ("evil host", "-x", "a;b", "x" * 64, "a\nb"):
+    for bad in ("evil host", "-x", "a;b", "x" * 64, "a\nb", "guest\n"):
         with pytest.raises(SandboxConfigError):
             write_seed_disk(tmp_path / "bad.img", host.private_openssh, client.public_line, bad)
     with pytest.raises(SandboxConfigError):
@@ -211,12 +212,18 @@ def test_domain_xml_escapes_or_rejects_hostile_values() -> None:
     assert [d.findtext("serial") for d in dom.iter("disk")] == ["sandbox-root", "sandbox-seed"]
     assert {e: dom.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")} == \
         dict.fromkeys(("on_poweroff", "on_reboot", "on_crash"), "destroy")
-    assert "restrict=off" in _spec(allow_network=True).to_xml()
+    with_net = _spec(allow_network=True, outbound_socket="/state/outbound.sock").to_xml()
+    assert "restrict=off" not in with_net and "restrict=on" in with_net
+    assert "stream,id=sk1,server=off,addr.type=unix,addr.path=/state/outbound.sock" in with_net
+    assert "mac=52:54:00:5a:4b:01" in with_net
 
     for bad in (dict(kernel_id="a'b"), dict(kernel_id="x</name><evil/>"), dict(kernel_id=""),
                 dict(extra_cmdline=("init=/bin/sh; rm",)), dict(extra_cmdline=("a b",)),
                 dict(domain_type="xen"), dict(ssh_port=22), dict(ssh_port="2222,hostfwd=x"),
-                dict(labels={"bad key": "v"})):
+                dict(labels={"bad key": "v"}), dict(kernel_id="k1\n"),
+                dict(extra_cmdline=("quiet\n",)), dict(labels={"key\n": "v"}),
+                dict(allow_network=True), dict(allow_network=True, outbound_socket="rel.sock"),
+                dict(allow_network=True, outbound_socket="/a,b.sock")):
         with pytest.raises(SandboxConfigError):
             _spec(**bad).to_xml()
 

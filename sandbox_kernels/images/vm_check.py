@@ -33,6 +33,7 @@ from ..vm.boot import free_port, wait_ready
 from ..vm.golden import reseed
 from ..vm.domain_xml import DomainSpec
 from ..vm.libvirt_conn import DEFAULT_URI, LibvirtHost
+from ..vm.outbound import OutboundLink
 from ..vm.overlay import check_base_image, create_overlay, create_workspace
 from ..vm.seed import write_seed_disk
 from .vm_image import boot_cmdline, boot_files
@@ -132,6 +133,7 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-kernels-check-",
                                     dir=os.environ.get("NIXOS_EPHEMERAL_VM_IMAGES_DIR") or None))
     name = ""
+    outbound: OutboundLink | None = None
     try:
         host_key = generate_keypair(f"sandbox-kernels-host@{kernel_id}")
         client_key = generate_keypair(f"sandbox-kernels-client@{kernel_id}")
@@ -151,11 +153,16 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
             root=str(overlay), seed=str(seed), serial_log=str(serial_log), ssh_port=free_port(),
             allow_network=allow_network, workspace=str(workspace) if workspace else None,
             reseed_socket=str(workdir / "reseed.sock"), extra_cmdline=boot_cmdline(image),
+            outbound_socket=str(workdir / "outbound.sock") if allow_network else None,
             labels={"sandbox-kernels.purpose": "image-check"}, persistent=persistent,
         )
         started = time.monotonic()
         name = spec.name  # set first: a Ctrl-C during start must still destroy it
-        host.start(spec)
+        if allow_network:
+            outbound = OutboundLink(workdir / "outbound.sock", kernel_id, uid)
+            outbound.start_with(lambda: host.start(spec))
+        else:
+            host.start(spec)
         ready = wait_ready(host, name, serial_log, boot_timeout)
         remaining = max(boot_timeout - (time.monotonic() - started), 10.0)
         yield TrialVM(name, host, spec.ssh_port, hostname, host_key, client_key, choice,
@@ -165,6 +172,8 @@ def throwaway_vm(path: str | os.PathLike[str], kernel: str | None = None,
             if name:
                 host.destroy(name)
         finally:
+            if outbound is not None:
+                outbound.close()
             host.close()
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -11,6 +11,7 @@ qcow2 snapshots: of the running domain with its memory (libvirt), or of its disk
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import socket
@@ -32,9 +33,11 @@ from ..vm import golden, image_policy, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
+from ..vm.boot import console_tail, read_tail
 from ..vm.libvirt_conn import LibvirtHost
+from ..vm.outbound import OutboundLink
 from ..vm.seed import write_seed_disk
-from ..vm.slots import VMSlot, acquire_slot
+from ..vm.slots import VMSlot, acquire_slot, slots_dir
 from .tunnelled import TunnelledProvisioner
 from .vm_golden import GoldenStart
 from .vm_snapshots import VMSnapshots
@@ -80,7 +83,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     accelerator = Unicode("auto", config=True,
                           help="'auto' (probe KVM, fall back to TCG), 'kvm' or 'qemu'. Env: SANDBOX_KERNELS_VM_ACCEL.")
     _accelerator_default = env_default("accelerator", "SANDBOX_KERNELS_VM_ACCEL")
-    allow_network = Bool(False, config=True, help="Let the guest open outbound connections.").tag(widen="true")
+    allow_network = Bool(False, config=True,
+                         help="Let the guest open outbound connections, through a NIC of its own "
+                              "served by passt as user sandbox-kernels-net, which an nftables "
+                              "rule keeps off this machine's addresses (needs a root server).").tag(widen="true")
     fresh_vm_on_restart = Bool(False, config=True, help="Restart the kernel in a new VM, not the same one.")
     preload = Bool(True, config=True,
                    help="Keep a process in the VM that has imported ipykernel and fork each kernel "
@@ -145,6 +151,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         super().__init__(**kwargs)
         self._host: LibvirtHost | None = None
         self._slot: VMSlot | None = None
+        self._outbound: OutboundLink | None = None
         self.ssh_port: int | None = None
         self._keys: dict[str, str] = {}
         #: How the VM started: "boot", or "golden" (restored from a golden snapshot).
@@ -197,8 +204,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         """Take a VM slot first (waiting in line if all are in use)."""
         kwargs = await super().pre_launch(**kwargs)
         if self._slot is None:
-            root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
-            self._slot = await acquire_slot(root, self.max_concurrent_vms, self.queue_timeout,
+            self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
                                             self.log, f"kernel {self.kernel_id}")
         return kwargs
 
@@ -232,6 +238,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
                                  "instead", self.kernel_id, found.key, e)
                 await self.close_tunnel()
                 await to_thread(host.destroy, self.sandbox_name)
+                await self._close_outbound()
                 await to_thread(overlay.remove_images, self._image_dir)
                 root = await to_thread(overlay.create_overlay, base, self._image_dir)
                 uid, gids = await to_thread(host.emulator_identity)
@@ -241,8 +248,46 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             self.log.info("Kernel %s: no golden snapshot for this VM configuration; booting "
                           "(`sandbox-kernels vm golden` makes VM starts several times faster)",
                           self.kernel_id)
-        await to_thread(host.start, spec)
+        await self._start_domain(spec)
         await self._wait_for_ssh(console)
+
+    async def _start_domain(self, spec: DomainSpec, paused: bool = False) -> DomainSpec:
+        """Start QEMU for ``spec`` (with its outbound link when allow_network).
+
+        The SSH port was free when chosen, but closed again before QEMU binds it: if another
+        process took it meanwhile, QEMU cannot set up the forward, and the VM starts again
+        on a new port.
+
+        Returns:
+            The spec the VM runs with (its ``ssh_port`` may be new).
+        """
+        host = await self._libvirt()
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                await self._with_outbound(lambda: host.start(spec, paused))
+                return spec
+            except SandboxStartError as e:
+                if "host forwarding rule" not in str(e) or attempt == _PORT_ATTEMPTS:
+                    raise
+                self.log.warning("Kernel %s: SSH port %d was taken before QEMU could bind it; "
+                                 "trying another", self.kernel_id, spec.ssh_port)
+                spec = dataclasses.replace(spec, ssh_port=_free_port())
+                self.ssh_port = spec.ssh_port
+        raise AssertionError("unreachable")
+
+    async def _with_outbound(self, start: Callable[[], Any]) -> None:
+        """Run ``start`` (which starts QEMU); with allow_network, serve the VM's outbound NIC."""
+        if not self.allow_network:
+            await to_thread(start)
+            return
+        if self._outbound is None:
+            uid, _gids = await to_thread((await self._libvirt()).emulator_identity)
+            self._outbound = OutboundLink(self.state_dir / "outbound.sock", self.kernel_id, uid)
+        await to_thread(self._outbound.start_with, start)
+
+    async def _close_outbound(self) -> None:
+        if self._outbound is not None:
+            await to_thread(self._outbound.close)
 
     async def _prepare_vm(self) -> tuple[DomainSpec, Path]:
         """Check the images, then make the keys, seed, overlay and console; return the domain."""
@@ -290,6 +335,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             seed=str(seed), serial_log=str(console), ssh_port=self.ssh_port,
             allow_network=self.allow_network, workspace=workspace, labels=self.labels,
             reseed_socket=str(state / "reseed.sock"),
+            outbound_socket=str(state / "outbound.sock") if self.allow_network else None,
             extra_cmdline=boot_cmdline(self.base_image) + tuple(self.extra_cmdline),
         )
         return spec, base
@@ -300,12 +346,13 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         host = await self._libvirt()
         last: Exception | None = None
         while time.monotonic() < deadline:
-            text = _tail(console, 4000)
+            text = read_tail(console, 4000)
             if "SANDBOX-FAILED" in text:
-                raise SandboxStartError(f"the guest failed to boot. Console:\n{_tail(console)}")
+                raise SandboxStartError(f"the guest failed to boot. Console:\n{console_tail(console)}")
             state = await to_thread(host.state, self.sandbox_name)
             if state not in ("running", "paused"):
-                raise SandboxStartError(f"the VM stopped during boot (state {state}). Console:\n{_tail(console)}")
+                raise SandboxStartError(f"the VM stopped during boot (state {state}). Console:\n"
+                                        f"{console_tail(console)}")
             if "SANDBOX-READY" in text or "sshd" in text:
                 try:
                     if connect is None:
@@ -318,7 +365,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             await asyncio.sleep(0.3)
         raise SandboxTimeout(
             f"the guest's sshd did not answer within NIXOS_VM_SSH_READY_TIMEOUT="
-            f"{self.ssh_ready_timeout:g} s (last error: {last}). Console:\n{_tail(console)}")
+            f"{self.ssh_ready_timeout:g} s (last error: {last}). Console:\n{console_tail(console)}")
 
     async def open_tunnel(self) -> SSHTunnel:
         """Connect to the forwarded port with the per-kernel key, pinning the seeded host key."""
@@ -352,7 +399,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         if self._state_dir is not None:
             console = self._state_dir / "console.log"
             if console.exists():
-                parts.append(f"Serial console:\n{_tail(console)}")
+                parts.append(f"Serial console:\n{console_tail(console)}")
         return "\n".join(p for p in parts if p)
 
     async def destroy_sandbox(self) -> None:
@@ -376,6 +423,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             self.log.warning("Kernel %s: could not remove VM %s: %s (`sandbox-kernels reap` will)",
                              self.kernel_id, self.sandbox_name, e)
         self._host = None
+        await self._close_outbound()
         kept = [s for s in self._snapshot_meta().values() if s.get("keep")]
         if kept:
             self.log.info("Kernel %s: keeping overlay %s with snapshots %s", self.kernel_id,
@@ -397,15 +445,12 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         self.ssh_port = state.get("ssh_port")
         self._keys = state.get("keys", {})
 
+
+#: Starts of one VM on a new SSH port when another process took the chosen one first.
+_PORT_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        data = path.read_bytes()[-limit:]
-    except OSError:
-        return ""
-    return data.decode(errors="replace")

@@ -19,7 +19,7 @@ from ..errors import SandboxConfigError, SandboxError, SandboxStartError
 from ..provisioning.base import _shielded, _track
 from ..vm import disk_snapshots, golden
 from ..vm.domain_xml import DomainSpec
-from ..vm.slots import acquire_slot
+from ..vm.slots import acquire_slot, slots_dir
 
 #: Wait (in the guest) until the preloader has imported ipykernel; exit 3 with its log if it died.
 _WAIT_PRELOADED = r"""
@@ -60,7 +60,9 @@ class GoldenStart:
             "kernel": golden.file_identity(spec.kernel),
             "initrd": golden.file_identity(spec.initrd) if spec.initrd else None,
             "domain_type": spec.domain_type, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
-            "cmdline": spec.cmdline, "network": spec.allow_network, "user": self.ssh_user,
+            # The outbound NIC (passt) is part of the machine a clone must match.
+            "cmdline": spec.cmdline, "network": "passt" if spec.allow_network else False,
+            "user": self.ssh_user,
             "python": self.kernel_spec.argv[0], "env": self._golden_env(),
             "preloader": hashlib.sha256(script).hexdigest(), "cwd": self.remote_cwd(),
         }
@@ -73,7 +75,7 @@ class GoldenStart:
         host = await self._libvirt()
         await to_thread(golden.copy_overlay, found, Path(spec.root))
         copied = time.monotonic()
-        await to_thread(host.start, spec, True)
+        await self._start_domain(spec, True)
         await asyncio.wait_for(to_thread(host.load_snapshot, self.sandbox_name, golden.SNAPSHOT),
                                self.ssh_ready_timeout)
         # Loading left the snapshot's memory image mapped in the overlay as well: without the
@@ -109,8 +111,7 @@ class GoldenStart:
             raise SandboxConfigError(
                 "golden snapshots need golden_snapshot and preload on, no workspace, and a "
                 "kernelspec that runs `python -m ipykernel_launcher`.")
-        root = Path(self.state_root or "/tmp").parent / "sandbox-kernels-vm-slots"
-        self._slot = await acquire_slot(root, self.max_concurrent_vms, self.queue_timeout,
+        self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
                                         self.log, f"golden snapshot build {self.kernel_id}")
         try:
             spec, _base = await self._prepare_vm()
@@ -126,7 +127,7 @@ class GoldenStart:
     async def _build_golden(self, spec: DomainSpec, key: str) -> golden.Golden:
         host = await self._libvirt()
         self.log.info("Golden snapshot %s: booting the VM", key)
-        await to_thread(host.start, spec)
+        await self._start_domain(spec)
         await self._wait_for_ssh(Path(spec.serial_log))
         tunnel = await self._tunnel_ready()
         rdir = self.remote_dir()

@@ -11,8 +11,12 @@ ports only with the passt backend and cannot express ``restrict``::
     -netdev user,id=sk0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:<port>-:22
     -device virtio-net-pci,netdev=sk0,id=sk-net0,bus=pci.0,addr=0x1e,romfile=
 
-The forward binds the host's loopback only; ``restrict=on`` (the default) cuts the guest off
-from everything but that forward.
+The forward binds the host's loopback only; ``restrict=on`` (always) cuts the guest off from
+everything but that forward. A VM with outbound network gets a second NIC of its own, served
+by passt (see :mod:`sandbox_kernels.vm.outbound`), which cannot reach this machine::
+
+    -netdev stream,id=sk1,server=off,addr.type=unix,addr.path=<state>/outbound.sock
+    -device virtio-net-pci,netdev=sk1,id=sk-net1,bus=pci.0,addr=0x1f,mac=52:54:00:5a:4b:01,romfile=
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import SandboxConfigError
 from ..labels import DOMAIN_PREFIX
 from ..settings import check_name
+from .outbound import GUEST_MAC
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 #: Namespace of our ``<metadata>`` element (an identifier, never fetched).
@@ -39,8 +44,10 @@ DEFAULT_CMDLINE = ("console=ttyS0", "root=/dev/vda", "rw", "init=/sbin/sandbox-i
 #: PCI slot of the network card, which libvirt does not know about: its own devices take the
 #: lowest free slots from 0x2 up, so a high slot never collides.
 NET_PCI_SLOT = "0x1e"
-_CMDLINE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:/=+-]{1,200}$")
-_LABEL_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+#: The outbound NIC's slot: after the SSH NIC's, so the guest names that one eth0 still.
+OUTBOUND_PCI_SLOT = "0x1f"
+_CMDLINE_TOKEN = re.compile(r"[A-Za-z0-9_.,:/=+-]{1,200}")
+_LABEL_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("sk", METADATA_NS)
@@ -111,10 +118,12 @@ class DomainSpec:
         seed: the raw seed disk (``vdb``, read-only, serial ``sandbox-seed``).
         serial_log: the file the serial console is written to.
         ssh_port: host port on 127.0.0.1 forwarded to the guest's port 22.
-        allow_network: let the guest open outbound connections (``restrict=off``).
+        allow_network: give the guest its outbound NIC (passt at ``outbound_socket``).
         workspace: a qcow2 workspace disk (``vdc``, serial ``sandbox-workspace``), or ``None``.
         reseed_socket: a unix socket (QEMU listens) wired to the guest's second serial port,
             where the host tells a VM restored from a golden snapshot to reseed; or ``None``.
+        outbound_socket: the unix socket QEMU connects the outbound NIC to (we listen there
+            and hand the connection to passt); required with ``allow_network``.
         extra_cmdline: more kernel command line words (checked against a strict pattern).
         labels: owner labels stored in the domain's ``<metadata>``.
         persistent: hint for :class:`~sandbox_kernels.vm.libvirt_conn.LibvirtHost`.
@@ -133,6 +142,7 @@ class DomainSpec:
     allow_network: bool = False
     workspace: str | None = None
     reseed_socket: str | None = None
+    outbound_socket: str | None = None
     extra_cmdline: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     persistent: bool = False
@@ -146,7 +156,7 @@ class DomainSpec:
     def cmdline(self) -> str:
         """The guest kernel command line."""
         for word in self.extra_cmdline:
-            if not _CMDLINE_TOKEN.match(word):
+            if not _CMDLINE_TOKEN.fullmatch(word):
                 raise SandboxConfigError(
                     f"kernel command line word {word!r} is not allowed: use letters, digits "
                     "and _ . , : / = + - only."
@@ -162,13 +172,23 @@ class DomainSpec:
         return disks
 
     def netdev_args(self) -> list[str]:
-        """The QEMU arguments of the sandbox's network (slirp, forward on 127.0.0.1 only)."""
+        """The QEMU arguments of the sandbox's network: slirp restricted to the SSH forward on
+        127.0.0.1, and with ``allow_network`` the outbound NIC."""
         if not isinstance(self.ssh_port, int) or not 1024 <= self.ssh_port <= 65535:
             raise SandboxConfigError(f"ssh_port {self.ssh_port!r} must be a port in 1024-65535.")
-        restrict = "off" if self.allow_network else "on"
-        return ["-netdev",
-                f"user,id=sk0,restrict={restrict},ipv6=off,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+        args = ["-netdev",
+                f"user,id=sk0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                 "-device", f"virtio-net-pci,netdev=sk0,id=sk-net0,bus=pci.0,addr={NET_PCI_SLOT},romfile="]
+        if self.allow_network:
+            path = str(self.outbound_socket or "")
+            if not path.startswith("/") or "," in path or len(path) > 100:
+                raise SandboxConfigError(
+                    f"allow_network needs an absolute outbound socket path without commas, under "
+                    f"100 characters (got {path!r}).")
+            args += ["-netdev", f"stream,id=sk1,server=off,addr.type=unix,addr.path={path}",
+                     "-device", f"virtio-net-pci,netdev=sk1,id=sk-net1,bus=pci.0,"
+                                f"addr={OUTBOUND_PCI_SLOT},mac={GUEST_MAC},romfile="]
+        return args
 
     def validate(self) -> None:
         """Check every value before any XML is made.
@@ -184,7 +204,7 @@ class DomainSpec:
         if not 1 <= self.vcpus <= 256:
             raise SandboxConfigError(f"vcpus={self.vcpus} is out of range (1-256).")
         for key in self.labels:
-            if not _LABEL_KEY.match(key):
+            if not _LABEL_KEY.fullmatch(key):
                 raise SandboxConfigError(f"label name {key!r} is not allowed.")
         self.cmdline  # noqa: B018 - validates the words
         self.netdev_args()
