@@ -102,7 +102,8 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type
     import importlib
 
     found = []
-    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.vm.golden_cli"):
+    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.vm.golden_cli",
+                 "sandbox_kernels.kernelspec_cli"):
         try:
             found.append(importlib.import_module(name).add_parser)
         except ModuleNotFoundError:
