@@ -6,9 +6,11 @@ BENCH_ARGS ?=
 .PHONY: setup demo test soak bench clean k8s-up k8s-down
 
 setup:
-	bash scripts/setup.sh
+	bash scripts/setup.sh test
 
-demo: setup
+# The demo sets up only what it uses: the Docker and VM runtimes, their images, the panel.
+demo:
+	bash scripts/setup.sh demo
 	$(PY) scripts/demo.py
 
 test: setup

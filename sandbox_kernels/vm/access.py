@@ -70,8 +70,8 @@ def ensure_emulator_access(paths: Iterable[str | os.PathLike[str]], uid: int,
                     f"{directory}`, or keep images in a directory QEMU can reach (set "
                     "SANDBOX_KERNELS_CACHE / NIXOS_EPHEMERAL_VM_IMAGES_DIR)."
                 ) from e
-            log.warning("granted QEMU's user (uid %d) search-only access to %s so it can reach "
-                        "the VM images below it (ACL u:%d:x; no read or list)", uid, directory, uid)
+            log.debug("granted QEMU's user (uid %d) search-only access to %s so it can reach "
+                      "the VM images below it (ACL u:%d:x; no read or list)", uid, directory, uid)
             changed.append(directory)
     return changed
 
