@@ -13,8 +13,10 @@ demo:
 	bash scripts/setup.sh demo
 	$(PY) scripts/demo.py
 
+# The unit layer first (no engines, seconds), then every suite against real engines.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests --ignore=tests/unit $(PYTEST_ARGS)
 
 # The start/stop cycles at full size, 50 per runtime (make test runs them smaller).
 soak: setup
