@@ -391,6 +391,86 @@ def test_close_forward_frees_the_port(tunnel: SSHTunnel, server_port: int) -> No
         tunnel.close_forward(port)
 
 
+def test_forward_on_a_unix_socket(tunnel: SSHTunnel, server_port: int, tmp_path: Path) -> None:
+    """A forward can listen on a 0600 unix socket (ipc clients), named by a small number;
+    pausing and repointing keep the same socket."""
+    from sandbox_kernels.client_sockets import listen_unix
+
+    path = tmp_path / "k-3"
+    assert tunnel.forward(3, server_port, sock=listen_unix(path)) == 3
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert tunnel.forwards == {3: ("127.0.0.1", server_port)}
+
+    def echo() -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"echo\nunix")
+            return _recv_exactly(sock, 4)
+
+    assert echo() == b"unix"
+    tunnel.pause_forward(3)
+    tunnel.repoint_forward(3, server_port)
+    assert echo() == b"unix"
+    tunnel.close_forward(3)
+    with socket.socket(socket.AF_UNIX) as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(str(path))
+
+
+def test_forward_refuses_a_reserved_socket_elsewhere(tunnel: SSHTunnel, server_port: int) -> None:
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(SandboxConfigError, match="reserved socket"):
+            tunnel.forward(other.getsockname()[1] + 1, server_port, sock=other)
+    finally:
+        other.close()
+
+
+def test_client_sockets_survive_jupyter_clients_ipc_cleanup(tmp_path: Path) -> None:
+    """jupyter_client removes ``<ip>-<port>`` on every restart; the listeners stay and
+    relink() gives their names back, so clients reconnect to the same sockets. Release
+    removes every name."""
+    from types import SimpleNamespace
+
+    from sandbox_kernels.client_sockets import ClientSockets
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    sockets = ClientSockets("ipc", state)
+    km = SimpleNamespace()
+    sockets.assign(km, {})
+    ports = [km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port]
+    assert km.transport == "ipc" and km.ip == str(state / "k") and sorted(ports) == [1, 2, 3, 4, 5]
+    listener = sockets.claim(km.iopub_port)
+    public = Path(f"{km.ip}-{km.iopub_port}")
+    assert stat.S_ISSOCK(os.lstat(public).st_mode) and stat.S_IMODE(os.lstat(public).st_mode) == 0o600
+    public.unlink()  # KernelManager.cleanup_ipc_files()
+    sockets.assign(km, {"shell_port": 1})  # the restart's pre_launch
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(public))
+        conn, _ = listener.accept()
+        conn.close()
+    listener.close()
+    sockets.release()
+    assert list(state.iterdir()) == []
+
+
+def test_client_sockets_refuse_a_shared_directory(tmp_path: Path) -> None:
+    from sandbox_kernels.client_sockets import ClientSockets
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    with pytest.raises(SandboxConfigError, match="mode 0700"):
+        ClientSockets("ipc", shared).assign(type("KM", (), {})(), {})
+    link = tmp_path / "link"
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link.symlink_to(private)
+    with pytest.raises(SandboxConfigError, match="must be a directory"):
+        ClientSockets("ipc", link).assign(type("KM", (), {})(), {})
+
+
 # ---------------------------------------------------------------- host keys and handshake
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import socket
 import shlex
 import time
 from abc import abstractmethod
@@ -20,10 +19,12 @@ from importlib import resources
 from typing import Any
 
 from ..aio import to_thread
+from ..client_sockets import ClientSockets, transport_trait
 from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
 from ..provisioning.base import SandboxProvisioner
 from ..ssh.remote import ProcessWatch
-from ..ssh.tunnel import SSHTunnel, reserve_local_port
+from ..settings import env_default
+from ..ssh.tunnel import SSHTunnel
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 #: Wait (in the remote shell) until the kernel has written its real ports; exit 3 if it died.
@@ -63,13 +64,16 @@ exit 3
 class TunnelledProvisioner(SandboxProvisioner):
     """Base of runtimes whose kernel is reached through an SSH tunnel."""
 
+    transport = transport_trait()
+    _transport_default = env_default("transport", "SANDBOX_KERNELS_TRANSPORT")
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tunnel: SSHTunnel | None = None
         self.pid: int | None = None
         self._remote_ports: dict[str, int] = {}
         self._watch: ProcessWatch | None = None
-        self._reserved: dict[int, socket.socket] = {}
+        self._sockets: ClientSockets | None = None
         self._preloader_pid: int | None = None
 
     # -- hooks for VM / SSH host ----------------------------------------------------------------
@@ -101,19 +105,19 @@ class TunnelledProvisioner(SandboxProvisioner):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def configure_transport(self, km: Any) -> None:
-        """TCP on 127.0.0.1, with the five local ports bound now and held for the forwards."""
-        super().configure_transport(km)
-        if not self._local_ports:
-            for ch in CHANNELS:
-                sock = reserve_local_port()
-                port = int(sock.getsockname()[1])
-                self._reserved[port] = sock
-                setattr(km, f"{ch}_port", port)
+        """Unix sockets in the state directory (or TCP on 127.0.0.1, see ``transport``), bound
+        now and held for the forwards; a restart keeps them (see :mod:`..client_sockets`)."""
+        self._client_sockets().assign(km, self._local_ports)
+
+    def _client_sockets(self) -> ClientSockets:
+        if self._sockets is None:
+            self._sockets = ClientSockets(self.transport, self.state_dir)
+        return self._sockets
 
     def _release_reserved(self) -> None:
-        for sock in self._reserved.values():
-            sock.close()
-        self._reserved.clear()
+        if self._sockets is not None:
+            self._sockets.release()
+            self._sockets = None
 
     def sandbox_connection_file(self) -> str:
         """The connection file lives in the remote kernel directory."""
@@ -233,7 +237,7 @@ class TunnelledProvisioner(SandboxProvisioner):
             if local in tunnel.forwards:
                 tunnel.repoint_forward(local, ports[ch])  # same listener; resumes if paused
             else:
-                tunnel.forward(local, ports[ch], sock=self._reserved.pop(local, None))
+                tunnel.forward(local, ports[ch], sock=self._client_sockets().claim(local))
         self._remote_ports = ports
 
     def _pause_forwards(self) -> None:

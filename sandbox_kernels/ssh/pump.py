@@ -1,4 +1,4 @@
-"""One selector that moves bytes between local TCP connections and SSH channels.
+"""One selector that moves bytes between local connections (TCP or unix) and SSH channels.
 
 A :class:`Pump` belongs to one tunnel thread and is only touched from it. It watches the
 listening sockets, the accepted local sockets and the channels (a paramiko ``Channel`` has a
@@ -21,7 +21,7 @@ import logging
 import selectors
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import paramiko
 
@@ -36,15 +36,16 @@ _WRITE = selectors.EVENT_WRITE
 
 @dataclass(frozen=True)
 class Listener:
-    """A local listening socket and where its connections go on the remote side."""
+    """A local listening socket and where its connections go on the remote side.
+
+    ``port`` names the forward: the TCP port, or for a unix socket the number the caller
+    gave it (its ipc "port").
+    """
 
     sock: socket.socket
     remote_host: str
     remote_port: int
-    port: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "port", self.sock.getsockname()[1])
+    port: int
 
 
 AcceptCallback = Callable[[socket.socket, Listener], None]
@@ -218,8 +219,9 @@ class Pump:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._logger.warning("cannot accept on port %d: %s", listener.port, e)
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._logger.debug("accepted %s:%d on local port %d", *peer, listener.port)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._logger.debug("accepted %r on local port %d", peer, listener.port)
             on_accept(sock, listener)
 
     def _on_sock(self, pair: _Pair, mask: int) -> None:

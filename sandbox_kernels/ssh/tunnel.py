@@ -6,7 +6,8 @@ channel, and one selector thread per tunnel (named ``sandbox-ssh-<host>:<port>``
 them. When the connection drops, that thread reconnects with the same key and the same pinned
 host key (bounded retries with backoff) while the local ports stay open, so ZMQ clients simply
 reconnect. Remote commands (:meth:`SSHTunnel.run`, :meth:`SSHTunnel.start_detached`, ...) use
-the same transport.
+the same transport. A forward may listen on a unix socket instead (given by the caller), so
+that only its owner can connect.
 
 The API blocks and is thread-safe; async callers wrap calls in ``asyncio.to_thread``.
 """
@@ -43,6 +44,7 @@ from .connect import (
     pinned_keys,
     usable,
 )
+from ..client_sockets import listen_local
 from .pump import Listener, Pump
 
 # 4 MiB windows keep a fast link busy without letting a stalled client pin much memory.
@@ -241,7 +243,8 @@ class SSHTunnel(RemoteCommands):
 
     def forward(self, local_port: int, remote_port: int, remote_host: str = "127.0.0.1",
                 sock: socket.socket | None = None) -> int:
-        """Listen on 127.0.0.1:``local_port`` and forward each connection to the remote side.
+        """Listen on 127.0.0.1:``local_port`` (or a given unix socket) and forward each
+        connection to the remote side.
 
         Connections go to ``remote_host:remote_port`` as seen from the sandbox. The listener
         is open at once; connections made while the SSH connection is down wait for it (up
@@ -251,8 +254,10 @@ class SSHTunnel(RemoteCommands):
             local_port: the local port, or 0 to pick a free one.
             remote_port: the port on the sandbox.
             remote_host: the address the sandbox connects to.
-            sock: a listening socket on 127.0.0.1:``local_port`` reserved earlier with
-                :func:`reserve_local_port` (the tunnel takes it over); None binds one now.
+            sock: a listening socket reserved earlier (the tunnel takes it over): on
+                127.0.0.1:``local_port`` (:func:`reserve_local_port`), or a unix socket
+                (see :mod:`sandbox_kernels.client_sockets`), which ``local_port`` then only
+                names; None binds 127.0.0.1:``local_port`` now.
 
         Returns:
             The local port.
@@ -267,10 +272,12 @@ class SSHTunnel(RemoteCommands):
         if not isinstance(remote_host, str) or not remote_host or "\0" in remote_host:
             raise SandboxConfigError(f"remote_host={remote_host!r} is not a host name")
         if sock is not None:
-            if sock.getsockname()[:2] != ("127.0.0.1", local_port):
-                raise SandboxConfigError(f"the reserved socket is not 127.0.0.1:{local_port}")
+            _check_listener(sock, local_port)
             sock.setblocking(False)
-        listener = Listener(sock if sock is not None else listen_local(local_port), remote_host, remote_port)
+        else:
+            sock = listen_local(local_port)
+        port = local_port if sock.family == socket.AF_UNIX else int(sock.getsockname()[1])
+        listener = Listener(sock, remote_host, remote_port, port)
         with self._lock:
             if self._closing.is_set():
                 listener.sock.close()
@@ -332,7 +339,7 @@ class SSHTunnel(RemoteCommands):
             old = self._listeners.get(local_port)
             if old is None:
                 raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            listener = Listener(old.sock, remote_host, remote_port)
+            listener = Listener(old.sock, remote_host, remote_port, old.port)
             self._listeners[local_port] = listener
             self._commands.append(lambda pump: pump.repoint_listener(local_port, listener))
         self._wake()
@@ -544,7 +551,7 @@ class SSHTunnel(RemoteCommands):
             channel = transport.open_channel(
                 "direct-tcpip",
                 (listener.remote_host, listener.remote_port),
-                sock.getpeername(),
+                _originator(sock),
                 window_size=self._connector.window_size,
                 max_packet_size=self._connector.max_packet_size,
                 timeout=self._connect_timeout,
@@ -579,6 +586,14 @@ class SSHTunnel(RemoteCommands):
             listener.sock.close()
         for sock in wake_pair or ():
             sock.close()
+
+
+def _originator(sock: socket.socket) -> tuple[str, int]:
+    """The ``direct-tcpip`` originator of a local connection (a unix peer has no address)."""
+    if sock.family == socket.AF_UNIX:
+        return ("127.0.0.1", 0)
+    host, port = sock.getpeername()[:2]
+    return (host, port)
 
 
 def _check_args(
@@ -624,19 +639,13 @@ def reserve_local_port() -> socket.socket:
     return listen_local(0)
 
 
-def listen_local(port: int) -> socket.socket:
-    """A non-blocking socket listening on 127.0.0.1 only.
+def _check_listener(sock: socket.socket, local_port: int) -> None:
+    """A reserved socket must listen on 127.0.0.1:``local_port`` or on a unix socket.
 
     Raises:
-        SandboxConnectionError: the port cannot be bound.
+        SandboxConfigError: it does not.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise SandboxConnectionError(f"cannot listen on 127.0.0.1:{port}: {e}") from e
-    return sock
+    if sock.family == socket.AF_UNIX:
+        return
+    if sock.family != socket.AF_INET or sock.getsockname()[:2] != ("127.0.0.1", local_port):
+        raise SandboxConfigError(f"the reserved socket is not 127.0.0.1:{local_port} or a unix socket")
