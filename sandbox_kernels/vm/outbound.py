@@ -75,7 +75,7 @@ def ruleset(uid: int, resolv_conf: str = "/etc/resolv.conf") -> str:
         "  chain output {",
         "    type filter hook output priority filter; policy accept;",
         *accepts,
-        f"    meta skuid {uid} fib daddr type {{ local, broadcast, multicast, anycast }} reject",
+        f"    meta skuid {uid} fib daddr type {{ local, broadcast, multicast, anycast }} counter reject",
         "  }",
         "}",
     ]) + "\n"
