@@ -18,6 +18,14 @@ def installed_kernels() -> set[str]:
     return set(KernelSpecManager().find_kernel_specs())
 
 
+def vm_guest_os() -> str:
+    """Which OS "Python (NixOS VM)" booted: the NixOS image, or the Debian CI guest."""
+    from sandbox_kernels.images.guest_os import guest_os
+    from sandbox_kernels.runtimes.libvirt import LibvirtProvisioner
+
+    return guest_os(LibvirtProvisioner(kernel_id="demo", kernel_spec=None).base_image).describe()
+
+
 def summary(path: Path) -> list[str]:
     nb = nbformat.read(path, as_version=4)
     lines = []
@@ -44,6 +52,8 @@ def main() -> int:
             failures += 1
             continue
         print(f"executed notebook: {out}")
+        if kernel == "sandbox-nixos-vm":
+            print(f"   guest OS: {vm_guest_os()}")
         for line in summary(out):
             print(f"   {line}")
     print("\nTry it in JupyterLab: .venv/bin/jupyter lab --allow-root, open a notebook with the "

@@ -1,6 +1,6 @@
 # The NixOS sandbox guest for the "Python (NixOS VM)" kernel (sandbox-nixos-vm).
 #
-#   nix build .#qcow2          ->  result/sandbox-nixos.{qcow2,vmlinuz,initrd,cmdline}
+#   nix build .#qcow2          ->  result/sandbox-nixos.{qcow2,vmlinuz,initrd,cmdline,os-release}
 #   sandbox-kernels image check result/sandbox-nixos.qcow2
 #
 # The qcow2 is a bare ext4 filesystem (no partition table, no boot loader): sandbox-kernels
@@ -48,6 +48,8 @@
           ln -s ${kernel} $out/sandbox-nixos.vmlinuz
           ln -s ${initrd} $out/sandbox-nixos.initrd
           echo ${lib.escapeShellArg cmdline} > $out/sandbox-nixos.cmdline
+          # What doctor, the panel and the kernel's start log name as the guest OS.
+          ln -s ${cfg.system.build.etc}/etc/os-release $out/sandbox-nixos.os-release
         '';
         default = self.packages.${system}.qcow2;
       };

@@ -5,8 +5,8 @@ our PID 1 (``guest/sandbox-init``, which keeps the guest contract described ther
 is made without loop mounts: ``mkfs.ext4 -d`` fills a raw file from the directory and
 ``qemu-img convert`` turns it into qcow2. Results are cached under ``cache_dir()/vm/``::
 
-    debian-<hash>.qcow2 / .vmlinuz / .initrd     one build per recipe hash
-    debian-guest.qcow2 / .vmlinuz / .initrd      symlinks to the newest build, the default
+    debian-<hash>.qcow2 / .vmlinuz / .initrd / .os-release   one build per recipe hash
+    debian-guest.qcow2 / ...                     symlinks to the newest build, the default
                                                  of NIXOS_SANDBOX_BASE_IMAGE
 
 Overlays must name the resolved (hashed) path as their backing file, never the symlink, so a
@@ -22,6 +22,7 @@ from pathlib import Path
 from ..cache import cache_dir, recipe_hash
 from ..errors import SandboxError, SandboxUnavailable
 from ..progress import Progress, run_step
+from .guest_os import record_path
 from .initrd import INITRD_INIT, build_initrd
 from .rootfs import base_recipe, chroot_apt_install, ensure_base_rootfs, require_root
 
@@ -35,7 +36,7 @@ INITRD_MODULES = ["virtio_pci", "virtio_blk", "ext4"]
 #: Free space left on the root filesystem for the kernel user's files, in MiB.
 HEADROOM_MIB = 1024
 STABLE_NAME = "debian-guest"
-SUFFIXES = (".qcow2", ".vmlinuz", ".initrd")
+SUFFIXES = (".qcow2", ".vmlinuz", ".initrd", ".os-release")
 
 #: initramfs-tools must be installed (the kernel package depends on it) but its initrd is
 #: replaced by ours (initrd.py); MODULES=list keeps its unused build short.
@@ -106,6 +107,8 @@ def build_vm_image(force: bool = False) -> str:
     image = directory / f"{stem}.qcow2"
     progress = Progress("image vm", 7)
     if image.exists() and not force:
+        if not record_path(image).exists():  # cached before the OS was recorded
+            _record_os(ensure_base_rootfs(), directory / stem)
         _link_stable(directory, stem)
         progress.finish(f"{image} is up to date (cached)")
         return str(image)
@@ -126,6 +129,7 @@ def build_vm_image(force: bool = False) -> str:
         _install_packages(root, progress)
         progress.step("install the guest init and sshd config")
         vmlinuz, initrd = _configure(root, work)
+        _record_os(root, work / "image")
         raw = work / "root.raw"
         progress.step("make the ext4 filesystem (mkfs.ext4 -d)")
         _make_filesystem(root, raw, progress)
@@ -134,7 +138,8 @@ def build_vm_image(force: bool = False) -> str:
         run_step(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
                  step="qemu-img convert", timeout=600, progress=progress)
         progress.step("store the image")
-        for source, suffix in ((vmlinuz, ".vmlinuz"), (initrd, ".initrd"), (qcow2, ".qcow2")):
+        for source, suffix in ((vmlinuz, ".vmlinuz"), (initrd, ".initrd"),
+                               (work / "image.os-release", ".os-release"), (qcow2, ".qcow2")):
             os.chmod(source, 0o644)
             os.replace(source, directory / f"{stem}{suffix}")  # the qcow2 last: it marks "done"
         _link_stable(directory, stem)
@@ -205,6 +210,16 @@ def _configure(root: Path, work: Path) -> tuple[Path, Path]:
             if entry.is_file() and entry.name != "lock":
                 entry.unlink()
     return vmlinuz, initrd
+
+
+def _record_os(root: Path, stem: Path) -> None:
+    """Copy the guest's os-release to ``<stem>.os-release`` (what doctor and the logs name)."""
+    source = root / "usr/lib/os-release"
+    if (root / "etc/os-release").is_file() and not (root / "etc/os-release").is_symlink():
+        source = root / "etc/os-release"
+    target = stem.with_name(stem.name + ".os-release")
+    target.write_bytes(source.read_bytes())
+    target.chmod(0o644)
 
 
 def _make_filesystem(root: Path, raw: Path, progress: Progress) -> None:

@@ -24,7 +24,10 @@ def check(report: RuntimeReport) -> None:
         report.details.append(str(e))
         report.fixes.append("apt-get install libvirt-daemon-system qemu-system-x86 && virtlogd -d && libvirtd -d")
     if os.path.exists(image):
+        from ..images.guest_os import guest_os
+
         report.details.append(f"base image {image}")
+        report.details.append(f"guest OS: {guest_os(image).describe()}")
     else:
         report.ok = False
         report.details.append(f"base image {image} missing")
