@@ -73,12 +73,10 @@ async def test_container_is_locked_down() -> None:
         ))
         assert out["stdout"].startswith("['lo'] 1000"), out
         assert "0000000000000000" in out["stdout"] and "NoNewPrivs:', '1" in out["stdout"]
-        net = await run_cell(kc, (
-            "import socket\ntry:\n"
-            "    socket.create_connection(('192.0.2.1', 53), timeout=3); print('connected')\n"
-            "except OSError as e:\n    print('blocked', e.errno)"
-        ))
-        assert net["stdout"].startswith("blocked"), net
+        # No route anywhere: an outbound connection has nowhere to go (nothing is sent to
+        # find out; tests/hostile/ tries the host's loopback).
+        net = await run_cell(kc, "print(open('/proc/net/route').read().splitlines()[1:])")
+        assert net["stdout"] == "[]\n", net
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
