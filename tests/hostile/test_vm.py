@@ -335,3 +335,95 @@ async def test_allow_network_works_from_golden_snapshots_and_through_rollbacks(k
             loopback.close()
     assert loopback.accepted == 0
     assert not [pid for pid, kid in outbound.leftover_processes() if kid == kernel_id], "passt left"
+
+
+#: Runs as another local user (nobody): a directory of its own with every slot lock taken.
+_SLOT_SQUATTER = r'''
+import fcntl, os, sys
+d = sys.argv[1]
+os.makedirs(d, exist_ok=True); os.chmod(d, 0o777)
+held = []
+for n in range(64):
+    fd = os.open(os.path.join(d, f"slot-{n}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    held.append(fd)
+print("ready", flush=True)
+sys.stdin.read()
+'''
+
+
+def _as_nobody() -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+async def test_another_users_slot_directory_neither_blocks_nor_redirects_starts(
+        kernelspec_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without XDG_RUNTIME_DIR the slots were in a shared directory next to the state root
+    (``/tmp/sandbox-kernels-vm-slots``). Another user links that name to a directory of their
+    own where they hold every slot lock: a start must neither wait for them nor touch it."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="sk-shared-tmp-"))  # stands for /tmp
+    os.chmod(shared, 0o1777)
+    request_cleanup = contextlib.ExitStack()
+    request_cleanup.callback(shutil.rmtree, shared, True)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("SANDBOX_KERNELS_STATE_DIR", str(shared / "sandbox-kernels-0"))
+    theirs = shared / "squatter"
+    squatter = None
+    try:
+        squatter = subprocess.Popen(["/usr/bin/python3", "-c", _SLOT_SQUATTER, str(theirs)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    preexec_fn=_as_nobody)
+        assert squatter.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        subprocess.run(["ln", "-s", str(theirs), str(shared / "sandbox-kernels-vm-slots")], check=True,
+                       preexec_fn=_as_nobody)
+        before = sorted((p.name, p.lstat().st_uid, p.stat().st_size) for p in theirs.iterdir())
+        async with vm_kernel(kernelspec_dir, "slots", queue_timeout=30) as (km, kc):
+            assert await _cell(kc, "print(6 * 7)") == "42\n"
+            from sandbox_kernels.vm.slots import slots_dir
+
+            held = km.provisioner._slot.path
+            assert held.parent == slots_dir() and not str(held).startswith(str(shared)), held
+        after = sorted((p.name, p.lstat().st_uid, p.stat().st_size) for p in theirs.iterdir())
+        assert after == before, "the start touched the other user's directory"
+    finally:
+        if squatter is not None:
+            squatter.stdin.close()  # type: ignore[union-attr]
+            squatter.wait(10)
+        request_cleanup.close()
+
+
+def test_slot_directory_and_locks_must_be_ours(tmp_path: Path) -> None:
+    """A slot directory that is a link, another user's, or open to others is refused; so is a
+    lock file planted as a link (never followed)."""
+    from sandbox_kernels.errors import SandboxUnavailable
+    from sandbox_kernels.vm.slots import try_acquire_slot
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    os.chmod(tmp_path, 0o755)
+    good = tmp_path / "slots"
+    slot = try_acquire_slot(good, 1)
+    assert slot is not None and (good.stat().st_mode & 0o777) == 0o700
+    slot.release()
+    (good / "slot-0.lock").unlink()
+    (good / "slot-0.lock").symlink_to(victim)
+    with pytest.raises(SandboxUnavailable, match="slot-0.lock"):
+        try_acquire_slot(good, 1)
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    with pytest.raises(SandboxUnavailable, match="not a link"):
+        try_acquire_slot(link, 1)
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    with pytest.raises(SandboxUnavailable, match="uid 65534"):
+        try_acquire_slot(other, 1)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(SandboxUnavailable, match="mode 777"):
+        try_acquire_slot(open_dir, 1)
+    assert victim.read_text() == "keep\n"
