@@ -427,3 +427,50 @@ def test_slot_directory_and_locks_must_be_ours(tmp_path: Path) -> None:
     with pytest.raises(SandboxUnavailable, match="mode 777"):
         try_acquire_slot(open_dir, 1)
     assert victim.read_text() == "keep\n"
+
+
+#: Runs as guest root: write to the serial console (the host's console.log) for a while.
+_CONSOLE_FLOOD = r'''
+import os, sys, time
+os.setresuid(0, 0, 0)
+total, limit = 0, int(sys.argv[1])
+block = (b"F" * 1023 + b"\n") * 64
+started = time.monotonic()
+with open("/dev/ttyS0", "wb", buffering=0) as tty:
+    while total < limit and time.monotonic() - started < 240:
+        total += tty.write(block)
+print("wrote", total, "in", round(time.monotonic() - started, 1))
+'''
+
+
+def _virtlogd_cap() -> int:
+    """The most bytes virtlogd keeps of one log: max_size times (max_backups + 1)."""
+    values = {"max_size": 2 * MiB, "max_backups": 3}
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/libvirt/virtlogd.conf").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() in values and value.strip().isdigit():
+                values[key.strip()] = int(value.strip())
+    return values["max_size"] * (values["max_backups"] + 1)
+
+
+async def test_console_flood_is_capped_on_the_host(kernelspec_dir: Any, root_env: Path) -> None:
+    """Guest root floods the serial console: the host's copy (virtlogd rotates it at its
+    max_size, keeping max_backups) stays under the cap, and the host reads only its tail.
+    (~200 KB/s through the emulated UART under TCG: the flood takes about a minute.)"""
+    cap = _virtlogd_cap()
+    async with vm_kernel(kernelspec_dir, "flood", golden_snapshot=False) as (km, kc):
+        state = Path(km.provisioner.state_dir)
+        out = await _cell(kc, (
+            "import subprocess\n"
+            f"r = subprocess.run([{ROOTPY!r}, '-c', {_CONSOLE_FLOOD!r}, '{cap + 4 * MiB}'], "
+            "capture_output=True, text=True, timeout=300)\n"
+            "print(r.stdout, r.stderr[-2000:])"), timeout=EXEC_TIMEOUT * 2)
+        wrote = int(out.split("wrote")[1].split()[0])
+        logs = {p.name: p.stat().st_size for p in state.iterdir() if p.name.startswith("console.log")}
+        print(f"\n{out.strip()}; host copies {logs} (cap {cap})")
+        assert wrote > cap, f"the flood did not outgrow the cap: {out}"
+        assert sum(logs.values()) <= cap + MiB, f"the console log grew past its cap: {logs}"
+        text = await km.provisioner.diagnostics()
+        assert len(text) <= 256 * 1024, "diagnostics read the flooded console unbounded"
+        assert await _cell(kc, "print(6 * 7)") == "42\n"
