@@ -47,8 +47,12 @@ class RemoteCommands(ABC):
         argv: Sequence[str],
         input: bytes | None = None,
         timeout: float = 60.0,
+        max_output: int = remote.DEFAULT_MAX_OUTPUT,
     ) -> remote.CommandResult:
         """Run ``argv`` on the sandbox; see :func:`sandbox_kernels.ssh.remote.run`.
+
+        ``max_output`` caps stdout plus stderr: pass a small one for commands that read files
+        the sandbox writes.
 
         Returns:
             ``(exit_code, stdout, stderr)``.
@@ -57,11 +61,11 @@ class RemoteCommands(ABC):
             SandboxConfigError: ``argv`` is not a list of strings.
             SandboxTimeout: no connection, or the command ran past ``timeout``.
             SandboxConnectionError, HostKeyMismatch: the connection failed.
-            SandboxError: too much output.
+            SandboxError: more than ``max_output`` bytes of output.
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        return remote.run(transport, argv, input, _remaining(deadline))
+        return remote.run(transport, argv, input, _remaining(deadline), max_output)
 
     def start_detached(
         self,
@@ -76,6 +80,9 @@ class RemoteCommands(ABC):
 
         Returns:
             The remote pid (leader of the process's group).
+
+        The environment travels on stdin, never in a command line; ``log_path`` must be in a
+        directory only the login user can write.
 
         Raises:
             SandboxConfigError: a bad command, env name or path.

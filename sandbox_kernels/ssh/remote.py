@@ -7,9 +7,14 @@ strict pattern; values reach the process byte for byte.
 
 A detached process runs under a small wrapper that starts a new session (``setsid``), so it
 survives the SSH connection dropping, and writes the process's exit status to
-``<log_path>.exit`` when it ends. :func:`process_status` uses that file to tell a process that
+``<log_path>.exit`` when it ends. Its environment values travel on the command's stdin, never
+in argv (which every user of the remote host reads in ``/proc/*/cmdline``). :func:`process_status` uses that file to tell a process that
 is still running from one that exited (with its code) from one that is gone (killed with
 SIGKILL, or the machine restarted).
+
+Everything read back from the remote is bounded: the sandbox (or another user of the host)
+may write those files, so pids and exit codes are parsed from a few bytes only
+(:func:`parse_int`), and command output is capped.
 
 All functions block; call them through ``asyncio.to_thread`` from async code.
 """
@@ -35,13 +40,57 @@ from ..errors import (
     SandboxTimeout,
 )
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DIGITS = re.compile(r"[0-9]+")
+#: The most digits accepted in a pid or exit status read from the remote.
+MAX_INT_DIGITS = 10
+#: The most bytes of an environment file (names and quoted values) sent to a detached process.
+MAX_ENV_BYTES = 16 << 20
 _CHUNK = 1 << 16
 _STDIN_BURST = 1 << 20
 DEFAULT_MAX_OUTPUT = 64 << 20
+#: The most output kept of a command that answers in a line (a pid, a status).
+_SMALL_OUTPUT = 4096
 
 # Positional parameters: $1 cwd ('' = stay in the login directory), $2 log path, $3 the
-# wrapper script, then the wrapper's own parameters.
+# wrapper script, $4 the size of the environment file on stdin, then the command. The log and
+# the environment file are created new (noclobber: a planted symlink fails the start instead of
+# being followed), 0600; the wrapper reads the environment file and removes it.
+_LAUNCH_ENV_STDIN_SCRIPT = """\
+command -v setsid >/dev/null || { echo "setsid (util-linux) is not installed" >&2; exit 125; }
+if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
+log=$2
+wrapper=$3
+size=$4
+shift 4
+rm -f -- "$log" "$log.exit" "$log.env" || exit 125
+(umask 077 && set -C && : >"$log" && head -c "$size" >"$log.env") || exit 125
+[ "$(wc -c <"$log.env")" -eq "$size" ] || { rm -f -- "$log.env"; exit 125; }
+setsid sh -c "$wrapper" sandbox-kernels-wrapper "$log.exit" "$log.env" "$@" </dev/null >>"$log" 2>&1 &
+echo "$!"
+"""
+
+# Positional parameters: $1 exit-status file, $2 environment file (``export NAME='value'``
+# lines, every value quoted by shlex.quote: no expansion), then the command. Traps (not
+# ignores) stop the wrapper dying of a signal meant for the process group; the child gets
+# default handlers back, so an interrupt reaches it as usual.
+_WRAPPER_ENV_FILE_SCRIPT = """\
+exitfile=$1
+envfile=$2
+shift 2
+vars=$(cat -- "$envfile") || exit 125
+rm -f -- "$envfile"
+eval "$vars" || exit 125
+unset vars
+trap : HUP INT QUIT TERM
+"$@"
+rc=$?
+echo "$rc" >"$exitfile"
+exit "$rc"
+"""
+
+# The argv-only protocol (NAME=VALUE words in argv), for launchers whose argv only the sandbox
+# itself can read (a pod's exec). Positional parameters as for _LAUNCH_ENV_STDIN_SCRIPT, without $4.
 _LAUNCH_SCRIPT = """\
 command -v setsid >/dev/null || { echo "setsid (util-linux) is not installed" >&2; exit 125; }
 if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
@@ -54,9 +103,7 @@ setsid sh -c "$wrapper" sandbox-kernels-wrapper "$log.exit" "$@" </dev/null >>"$
 echo "$!"
 """
 
-# Positional parameters: $1 exit-status file, $2 number of NAME=VALUE words, the words, argv.
-# Traps (not ignores) stop the wrapper dying of a signal meant for the process group; the
-# child gets default handlers back, so an interrupt reaches it as usual.
+# $1 exit-status file, $2 number of NAME=VALUE words, the words, argv (see _LAUNCH_SCRIPT).
 _WRAPPER_SCRIPT = """\
 exitfile=$1
 n=$2
@@ -81,7 +128,7 @@ alive() {
 # $1 pid, $2 exit-status file.
 _STATUS_SCRIPT = _ALIVE + """\
 if alive "$1"; then echo running; exit 0; fi
-if [ -f "$2" ]; then echo "exited $(cat -- "$2")"; else echo gone; fi
+if [ -f "$2" ]; then echo "exited $(head -c 16 -- "$2")"; else echo gone; fi
 """
 
 # $1 signal name, $2 pid: the process group first (the wrapper made one), then the process.
@@ -197,6 +244,11 @@ def start_detached(
     exit status is written to ``<log_path>.exit``. The returned pid is that of the wrapper,
     which leads the process group; :func:`send_signal` signals the whole group.
 
+    The environment travels on the command's stdin into ``<log_path>.env`` (created new,
+    0600), which the wrapper reads and removes before the process starts: no value ever
+    appears in a command line. ``log_path`` must therefore be in a directory no other user
+    can write.
+
     Args:
         transport: an authenticated transport.
         argv: the command and its arguments, passed literally.
@@ -211,24 +263,58 @@ def start_detached(
 
     Raises:
         SandboxConfigError: a bad command, env name or path.
-        SandboxStartError: the remote shell could not start the process.
+        SandboxStartError: the remote shell could not start the process, or did not answer
+            with a pid.
         SandboxTimeout: starting took longer than ``timeout``.
         SandboxConnectionError: the connection failed.
     """
     quote_argv(argv)
-    words = _env_words(env or {})
+    data = env_file(env or {})
     _check_path(log_path, "log_path", absolute=True)
     if cwd is not None:
         _check_path(cwd, "cwd")
-    launch = ["sh", "-c", _LAUNCH_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path]
-    launch += [_WRAPPER_SCRIPT, str(len(words)), *words, *argv]
-    result = run(transport, launch, timeout=timeout)
-    text = result.stdout.decode(errors="replace").strip()
-    if result.exit_code != 0 or not text.isdigit():
+    launch = ["sh", "-c", _LAUNCH_ENV_STDIN_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path,
+              _WRAPPER_ENV_FILE_SCRIPT, str(len(data)), *argv]
+    result = run(transport, launch, input=data, timeout=timeout, max_output=_SMALL_OUTPUT)
+    pid = _number(result.stdout)
+    if result.exit_code != 0 or pid is None:
         raise SandboxStartError(
             f"could not start {argv[0]!r} on the sandbox (exit {result.exit_code}): "
-            f"{_tail(result.stderr) or text or 'no output'}"
+            f"{_tail(result.stderr) or _tail(result.stdout) or 'no output'}"
         )
+    return pid
+
+
+def parse_int(text: str | bytes, what: str, max_digits: int = MAX_INT_DIGITS) -> int:
+    """Parse a pid, port or exit status read from the remote: a few ASCII digits, nothing else.
+
+    ``int()`` alone accepts signs, underscores and other scripts' digits, and raises
+    ``ValueError`` (outside the error tree) past 4,300 digits; whatever the remote sends
+    must end in a :class:`SandboxError` instead.
+
+    Args:
+        text: the remote's answer; surrounding whitespace is ignored.
+        what: what the number is, for the message.
+        max_digits: the most digits accepted.
+
+    Raises:
+        SandboxError: ``text`` is not 1 to ``max_digits`` ASCII digits.
+    """
+    value = _number(text, max_digits)
+    if value is None:
+        shown = text[:40] if isinstance(text, str) else text[:40].decode(errors="replace")
+        raise SandboxError(
+            f"{what} from the sandbox is not a number of at most {max_digits} digits: {shown!r}")
+    return value
+
+
+def _number(text: str | bytes, max_digits: int = MAX_INT_DIGITS) -> int | None:
+    """``text`` as an int if it is 1 to ``max_digits`` ASCII digits (whitespace around), else None."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    text = text.strip()
+    if len(text) > max_digits or not _DIGITS.fullmatch(text):
+        return None
     return int(text)
 
 
@@ -245,17 +331,15 @@ def process_status(
     _check_pid(pid)
     _check_path(log_path, "log_path", absolute=True)
     script = ["sh", "-c", _STATUS_SCRIPT, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
-    result = run(transport, script, timeout=timeout)
+    result = run(transport, script, timeout=timeout, max_output=_SMALL_OUTPUT)
     words = result.stdout.decode(errors="replace").split()
     if result.exit_code != 0 or not words:
         raise SandboxError(f"checking process {pid} on the sandbox failed: {_tail(result.stderr)}")
     if words[0] == "running":
         return ProcessStatus("running")
-    if words[0] == "exited" and len(words) == 2 and words[1].isdigit():
-        return ProcessStatus("exited", int(words[1]))
-    if words[0] == "exited":
+    if words == ["exited"]:
         return ProcessStatus("running")  # the wrapper is writing the file right now
-    return ProcessStatus("gone")
+    return _ended(words)
 
 
 def process_alive(transport: paramiko.Transport, pid: int, timeout: float = 30.0) -> bool:
@@ -267,7 +351,7 @@ def process_alive(transport: paramiko.Transport, pid: int, timeout: float = 30.0
     """
     _check_pid(pid)
     script = ["sh", "-c", _STATUS_SCRIPT, "sandbox-kernels-status", str(pid), "/nonexistent"]
-    return run(transport, script, timeout=timeout).stdout.startswith(b"running")
+    return run(transport, script, timeout=timeout, max_output=_SMALL_OUTPUT).stdout.startswith(b"running")
 
 
 def send_signal(
@@ -291,7 +375,7 @@ def send_signal(
     except ValueError as e:
         raise SandboxConfigError(f"{signum!r} is not a signal number") from e
     script = ["sh", "-c", _SIGNAL_SCRIPT, "sandbox-kernels-signal", name, str(pid)]
-    result = run(transport, script, timeout=timeout)
+    result = run(transport, script, timeout=timeout, max_output=_SMALL_OUTPUT)
     if result.exit_code == 0:
         return True
     if result.exit_code == 3 or not process_alive(transport, pid, timeout):
@@ -321,7 +405,7 @@ def write_file(
         raise SandboxConfigError(f"file mode {mode!r} is not between 0 and 0o7777")
     target = path if path.startswith("/") else f"./{path}"
     script = ["sh", "-c", _WRITE_SCRIPT, "sandbox-kernels-write", target, f"{mode:o}"]
-    result = run(transport, script, input=data, timeout=timeout)
+    result = run(transport, script, input=data, timeout=timeout, max_output=_SMALL_OUTPUT)
     if result.exit_code != 0:
         raise SandboxError(f"writing {path} on the sandbox failed: {_tail(result.stderr)}")
 
@@ -426,23 +510,50 @@ def _wait(channel: paramiko.Channel, poller: select.poll, timeout: float) -> Non
         poller.poll(timeout * 1000)
 
 
+def env_file(env: Mapping[str, str]) -> bytes:
+    """``env`` as ``export NAME='value'`` lines for a POSIX shell, every value quoted by
+    ``shlex.quote`` (so no ``$``, backtick or ``;`` is ever evaluated).
+
+    Raises:
+        SandboxConfigError: a name does not match the pattern, a value is not a string or
+            holds NUL, or the whole is larger than ``MAX_ENV_BYTES``.
+    """
+    data = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in _checked_env(env))
+    encoded = data.encode("utf-8", errors="surrogateescape")
+    if len(encoded) > MAX_ENV_BYTES:
+        raise SandboxConfigError(
+            f"the kernel's environment is {len(encoded)} bytes; at most {MAX_ENV_BYTES} are sent")
+    return encoded
+
+
 def _env_words(env: Mapping[str, str]) -> list[str]:
     """Turn ``env`` into ``NAME=VALUE`` words after checking every name and value.
+
+    Only for launchers whose argv nobody but the sandbox can read (see ``_LAUNCH_SCRIPT``).
 
     Raises:
         SandboxConfigError: a name does not match the pattern or a value is not a string.
     """
-    words = []
+    return [f"{name}={value}" for name, value in _checked_env(env)]
+
+
+def _checked_env(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The items of ``env`` after checking every name and value.
+
+    Raises:
+        SandboxConfigError: a name does not match the pattern or a value is not a string.
+    """
+    items = []
     for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME.match(name):
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
             raise SandboxConfigError(
                 f"environment variable name {name!r} is invalid: use letters, digits and '_', "
                 "not starting with a digit."
             )
         if not isinstance(value, str) or "\0" in value:
             raise SandboxConfigError(f"environment variable {name} must be a string without NUL")
-        words.append(f"{name}={value}")
-    return words
+        items.append((name, value))
+    return items
 
 
 def _check_path(path: str, what: str, absolute: bool = False) -> None:
@@ -478,11 +589,21 @@ def _tail(data: bytes, limit: int = 500) -> str:
     return text if len(text) <= limit else f"...{text[-limit:]}"
 
 
+def _ended(words: list[str]) -> ProcessStatus:
+    """How a process that no longer runs ended, from a status report's words.
+
+    ``exited N`` with a plausible exit status is an exit; anything else (no status file, or
+    one the process itself filled with something that is not an exit status) is "gone".
+    """
+    code = _number(words[1]) if len(words) == 2 and words[0] == "exited" else None
+    return ProcessStatus("gone") if code is None else ProcessStatus("exited", code)
+
+
 _WATCH_SCRIPT = r"""
 pid=$1 exitfile=$2
 while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
 for _ in 1 2 3 4; do
-    if [ -s "$exitfile" ]; then echo "exited $(cat "$exitfile")"; exit 0; fi
+    if [ -s "$exitfile" ]; then echo "exited $(head -c 16 -- "$exitfile")"; exit 0; fi
     sleep 0.25
 done
 echo gone
@@ -516,13 +637,11 @@ class ProcessWatch:
         """None while the process runs (or the watch is broken), else how it ended."""
         if self._status is None and self._channel.exit_status_ready():
             out = b""
-            while self._channel.recv_ready():
-                out += self._channel.recv(4096)
+            while self._channel.recv_ready() and len(out) < _SMALL_OUTPUT:
+                out += self._channel.recv(_SMALL_OUTPUT - len(out))
             words = out.decode(errors="replace").split()
-            if len(words) == 2 and words[0] == "exited" and words[1].isdigit():
-                self._status = ProcessStatus("exited", int(words[1]))
-            elif words[:1] == ["gone"]:
-                self._status = ProcessStatus("gone")
+            if words[:1] in (["exited"], ["gone"]):
+                self._status = _ended(words)
             else:
                 self._no_report = True  # the session ended without a report: broken
                 return None
