@@ -9,6 +9,7 @@ forwards at the new kernel's ports; the local ports, and so the clients, never c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -22,17 +23,20 @@ from ..aio import to_thread
 from ..client_sockets import ClientSockets, transport_trait
 from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
 from ..provisioning.base import SandboxProvisioner
-from ..ssh.remote import ProcessWatch
+from ..ssh.remote import ProcessWatch, parse_int
 from ..settings import env_default
 from ..ssh.tunnel import SSHTunnel
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+#: The most bytes read back of a connection file the kernel wrote, and of a log's tail.
+_MAX_CONNECTION_FILE = 1 << 16
+_LOG_TAIL_BYTES = 1 << 14
 #: Wait (in the remote shell) until the kernel has written its real ports; exit 3 if it died.
 _WAIT_PORTS = r"""
-file=$1 pid=$2
+file=$1 pid=$2 max=$3
 while kill -0 "$pid" 2>/dev/null; do
     if grep -q '"hb_port"' "$file" 2>/dev/null && ! grep -q '_port": 0' "$file"; then
-        cat "$file"; exit 0
+        head -c "$max" -- "$file"; exit 0
     fi
     sleep 0.1
 done
@@ -40,20 +44,22 @@ exit 3
 """
 
 
-#: One round trip starts a preloaded kernel: the kernel directory, the connection file and the
-#: fork request (both base64 arguments), then the preloader's reply (the child's pid). Exit 3
-#: if the preloader is gone, 4 if the files cannot be written.
+#: One round trip starts a preloaded kernel: the connection file and the fork request (two
+#: base64 lines on stdin: the key and the environment never appear in a command line), then
+#: the preloader's reply (the child's pid). Exit 3 if the preloader is gone, 4 if the files
+#: cannot be written.
 _FORK = r"""
 dir=$1 pid=$2 log=$3
 umask 077
 mkdir -p "$dir" && chmod 700 "$dir" || exit 4
-rm -f "$log" "$log.exit" "$dir/fork-reply"
-printf '%s' "$4" | base64 -d > "$dir/connection.json" || exit 4
+read -r connection && read -r request || exit 4
+rm -f "$log" "$log.exit" "$dir/fork-reply" "$dir/fork-request.tmp"
+printf '%s' "$connection" | base64 -d > "$dir/connection.json" || exit 4
 kill -0 "$pid" 2>/dev/null || exit 3
-printf '%s' "$5" | base64 -d > "$dir/fork-request.tmp" || exit 4
+printf '%s' "$request" | base64 -d > "$dir/fork-request.tmp" || exit 4
 mv -f "$dir/fork-request.tmp" "$dir/fork-request" || exit 4
 while kill -0 "$pid" 2>/dev/null; do
-    if [ -s "$dir/fork-reply" ]; then cat "$dir/fork-reply"; rm -f "$dir/fork-reply"; exit 0; fi
+    if [ -s "$dir/fork-reply" ]; then head -c 32 "$dir/fork-reply"; rm -f "$dir/fork-reply"; exit 0; fi
     sleep 0.05
 done
 rm -f "$dir/fork-request"
@@ -151,9 +157,7 @@ class TunnelledProvisioner(SandboxProvisioner):
         if self.preload_kernels() and cmd[1:3] == ["-m", "ipykernel_launcher"]:
             self.pid = await self._fork_kernel(tunnel, cmd, env, connection)
         else:
-            rdir = self.remote_dir()
-            await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
-            await self._remote(tunnel.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"], None, 30)
+            await self.prepare_remote_dir(tunnel)
             await self._remote(tunnel.write_file, self.sandbox_connection_file(), connection, 0o600)
             self.pid = await self._remote(tunnel.start_detached, cmd, self._log_path, env, self.remote_cwd())
         self._remote_ports = {}
@@ -170,25 +174,32 @@ class TunnelledProvisioner(SandboxProvisioner):
         rdir = self.remote_dir()
         request = json.dumps({"argv": ["ipykernel_launcher", *cmd[3:]], "env": env,
                               "cwd": self.remote_cwd() or "", "log": self._log_path}).encode()
+        stdin = base64.b64encode(connection) + b"\n" + base64.b64encode(request) + b"\n"
         for _attempt in range(2):
             if self._preloader_pid is None:
-                await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
+                await self.prepare_remote_dir(tunnel)
                 await self._start_preloader(tunnel, cmd[0], env)
             result = await self._remote(tunnel.run, [
-                "sh", "-c", _FORK, "sandbox-kernels-fork", rdir, str(self._preloader_pid), self._log_path,
-                base64.b64encode(connection).decode(), base64.b64encode(request).decode()],
-                None, self.launch_timeout)
-            reply = result.stdout.decode(errors="replace").strip()
-            if result.exit_code == 0 and reply.isdigit():
-                return int(reply)
+                "sh", "-c", _FORK, "sandbox-kernels-fork", rdir, str(self._preloader_pid), self._log_path],
+                stdin, self.launch_timeout, _LOG_TAIL_BYTES)
+            if result.exit_code == 0:
+                return parse_int(result.stdout, "the forked kernel's pid")
             if result.exit_code == 4:
                 raise SandboxStartError(f"could not write the kernel's files in {rdir}: "
                                         f"{result.stderr.decode(errors='replace').strip()}")
             self._preloader_pid = None  # gone (the machine rebooted, or it failed): start another
-        tail = await self._remote(tunnel.run, ["tail", "-n", "30", f"{rdir}/preloader.log"], None, 15)
         raise SandboxStartError(
             f"the kernel preloader in the sandbox exited before forking the kernel. Its log:\n"
-            f"{tail.stdout.decode(errors='replace')}")
+            f"{await self._log_tail(f'{rdir}/preloader.log')}")
+
+    async def prepare_remote_dir(self, tunnel: SSHTunnel) -> None:
+        """Make sure the kernel directory exists, private to the login user, before a start.
+
+        Called from :meth:`start_kernel` (and before the preloader starts). The default makes
+        it with ``mkdir -p -m 700``: right in a machine of its own (a VM), where no other user
+        can reach the parents. Hosts shared with other users override it.
+        """
+        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", self.remote_dir()], None, 30)
 
     async def _start_preloader(self, tunnel: SSHTunnel, python: str, env: dict[str, str]) -> None:
         """Copy the preloader into the kernel directory and start it with ``python``."""
@@ -218,7 +229,9 @@ class TunnelledProvisioner(SandboxProvisioner):
         while time.monotonic() < deadline:
             left = max(1.0, deadline - time.monotonic())
             result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_PORTS, "sandbox-kernels-wait",
-                                                     self.sandbox_connection_file(), str(self.pid)], None, left)
+                                                     self.sandbox_connection_file(), str(self.pid),
+                                                     str(_MAX_CONNECTION_FILE)],
+                                        None, left, _MAX_CONNECTION_FILE + _LOG_TAIL_BYTES)
             if result.exit_code == 3:
                 status = await self._remote(tunnel.process_status, self.pid, self._log_path)
                 raise SandboxStartError(
@@ -229,6 +242,7 @@ class TunnelledProvisioner(SandboxProvisioner):
             if ports:
                 await to_thread(self._forward, tunnel, ports)
                 return
+            await asyncio.sleep(0.1)  # the kernel is writing the file right now
         raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
 
     def _forward(self, tunnel: SSHTunnel, ports: dict[str, int]) -> None:
@@ -259,12 +273,15 @@ class TunnelledProvisioner(SandboxProvisioner):
         await to_thread(self._pause_forwards)
         await super().stop_kernel()
 
-    async def _log_tail(self, lines: int = 30) -> str:
+    async def _log_tail(self, path: str | None = None) -> str:
+        """The last ``_LOG_TAIL_BYTES`` of the kernel log (or of ``path``): the kernel writes
+        it, so it may be huge, binary, or one endless line."""
         if self.tunnel is None:
             return ""
+        path = path or self._log_path
         try:
-            result = await to_thread(
-                self.tunnel.run, ["tail", "-n", str(lines), f"{self.remote_dir()}/kernel.log"], None, 15)
+            result = await to_thread(self.tunnel.run, ["tail", "-c", str(_LOG_TAIL_BYTES), "--", path],
+                                     None, 15, _LOG_TAIL_BYTES + 4096)
         except SandboxError as e:
             return f"(log unavailable: {e})"
         return result.stdout.decode(errors="replace")
@@ -326,12 +343,31 @@ class TunnelledProvisioner(SandboxProvisioner):
 
 
 def _ports(raw: bytes) -> dict[str, int] | None:
+    """The five ports from the connection file the kernel rewrote; None while it writes it.
+
+    The sandbox can write that file: anything but five TCP port numbers is refused.
+
+    Raises:
+        SandboxStartError: the file is too large, or holds something other than ports.
+    """
+    if len(raw) >= _MAX_CONNECTION_FILE:
+        raise SandboxStartError(f"the kernel's connection file is larger than {_MAX_CONNECTION_FILE} bytes")
     try:
         info = json.loads(raw or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None  # being rewritten by the kernel right now
-    ports = {ch: int(info.get(f"{ch}_port") or 0) for ch in CHANNELS}
-    return ports if all(ports.values()) else None
+    if not isinstance(info, dict):
+        raise SandboxStartError("the kernel's connection file does not hold a JSON object")
+    ports = {}
+    for ch in CHANNELS:
+        value = info.get(f"{ch}_port")
+        if value in (None, 0):
+            return None
+        if type(value) is not int or not 1 <= value <= 65535:
+            raise SandboxStartError(
+                f"the kernel's connection file holds {ch}_port={str(value)[:40]!r}, not a TCP port")
+        ports[ch] = value
+    return ports
 
 
 def quote(argv: list[str]) -> str:
