@@ -4,6 +4,11 @@ A cloud VM, a Codespace, a lab server: the kernel starts over SSH exec with its 
 binds its ports on the remote's 127.0.0.1, and is reached through the same in-process tunnel
 as the VM runtime. The host key must already be trusted (``known_hosts``) or pinned
 (``host_key``); unknown keys are refused.
+
+The kernel's files (connection file, log, exit status) live in a fresh directory that only the
+login user can change, made on the host under ``~/.cache/sandbox-kernels-ssh`` (or an admin's
+``remote_root``, checked component by component): other users of a shared host cannot plant
+or redirect them (see :mod:`sandbox_kernels.ssh.private_dir`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ from ..aio import to_thread
 from ..errors import SandboxConfigError, SandboxError
 from ..settings import check_name, env_default
 from ..ssh.keys import load_private_key
+from ..ssh.private_dir import DEFAULT_BASE, make_private_dir
 from ..ssh.tunnel import SSHTunnel
 from .tunnelled import TunnelledProvisioner
+
+#: Stands in for the kernel directory in the kernel's command until the directory is made
+#: (its name is chosen on the host, after the command is built).
+_PENDING_DIR = "/nonexistent/sandbox-kernels-dir-not-made-yet"
 
 
 class SSHHostProvisioner(TunnelledProvisioner):
@@ -46,8 +56,24 @@ class SSHHostProvisioner(TunnelledProvisioner):
                             help="Python with ipykernel on the host. Env: SANDBOX_SSH_PYTHON.")
     _remote_python_default = env_default("remote_python", "SANDBOX_SSH_PYTHON")
     remote_root = Unicode("", config=True,
-                          help="Remote directory for kernel files (default /tmp/sandbox-kernels-<user>).")
+                          help="Remote base directory for kernel directories (default "
+                          f"{DEFAULT_BASE}). Every component must be changeable only by root or "
+                          "the login user (a root-owned sticky directory like /tmp is allowed).").tag(
+                              widen="admin")
     connect_timeout = Int(15, config=True, help="Seconds for the SSH connection.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._remote_dir: str | None = None
+
+    @validate("remote_root")
+    def _check_remote_root(self, proposal: dict[str, Any]) -> str:
+        value = proposal["value"]
+        if value and (not (value.startswith("/") or value.startswith("~/"))
+                      or any(c in value for c in "\0\n")):
+            raise SandboxConfigError(
+                f"remote_root={value!r} must be an absolute path or one under ~/ (one line).")
+        return str(value)
 
     @validate("port")
     def _check_port(self, proposal: dict[str, Any]) -> int:
@@ -84,9 +110,29 @@ class SSHHostProvisioner(TunnelledProvisioner):
         return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
 
     def remote_dir(self) -> str:
-        """``<remote_root>/<kernel id>``."""
-        root = self.remote_root or f"/tmp/sandbox-kernels-{self._user}"
-        return f"{root.rstrip('/')}/{self.kernel_id}"
+        """``<remote_root>/<kernel id>.<random>``, made by :meth:`prepare_remote_dir`."""
+        return self._remote_dir or _PENDING_DIR
+
+    async def prepare_remote_dir(self, tunnel: SSHTunnel) -> None:
+        """Make the kernel's private directory on the host once (kept across restarts).
+
+        Raises:
+            SandboxConfigError: ``remote_root`` (or ``~/.cache/sandbox-kernels-ssh``) can be
+                changed by another user of the host; the message names it.
+        """
+        if self._remote_dir is not None:
+            return
+        base = self.remote_root or DEFAULT_BASE
+        setting = (f"remote_root={self.remote_root!r}" if self.remote_root
+                   else f"the default remote_root ({DEFAULT_BASE})")
+        self._remote_dir = await to_thread(make_private_dir, tunnel, self.remote_python, base, self.kernel_id,
+                                           f"{setting} on {self.host}", self.connect_timeout * 2)
+
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Make the kernel directory first, then name it in the kernel's command."""
+        await self.prepare_remote_dir(await self._tunnel_ready())
+        pending = f"{_PENDING_DIR}/connection.json"
+        await super().start_kernel([self.sandbox_connection_file() if a == pending else a for a in cmd], env)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Run the configured remote Python instead of the kernelspec's ``python3``."""
@@ -109,17 +155,33 @@ class SSHHostProvisioner(TunnelledProvisioner):
         return tunnel
 
     async def create_sandbox(self) -> None:
-        """Connect; the remote directory is made when the kernel starts."""
-        await self._tunnel_ready()
+        """Connect and make the kernel's private directory."""
+        await self.prepare_remote_dir(await self._tunnel_ready())
 
     async def destroy_sandbox(self) -> None:
-        """Kill the kernel's process group, remove the remote directory, close the tunnel."""
-        if self.tunnel is not None:
+        """Kill the kernel's process group, remove the remote directory, close the tunnel.
+
+        Connects first if needed (a server that re-attached from ``runtime_state``).
+        """
+        if self.pid is not None or self._remote_dir is not None:
             try:
+                tunnel = await self._tunnel_ready()
                 if self.pid is not None:
-                    await to_thread(self.tunnel.signal, self.pid, 9, 15)
-                await to_thread(self.tunnel.run, ["rm", "-rf", self.remote_dir()], None, 30)
+                    await to_thread(tunnel.signal, self.pid, 9, 15)
+                if self._remote_dir is not None:
+                    await to_thread(tunnel.run, ["rm", "-rf", "--", self._remote_dir], None, 30)
             except SandboxError as e:
                 self.log.warning("Kernel %s: could not clean up on %s: %s", self.kernel_id, self.host, e)
         self.pid = None
+        self._remote_dir = None
         await self.close_tunnel()
+
+    def runtime_state(self) -> dict[str, Any]:
+        """Also the kernel directory the host chose (for re-attaching and clean-up)."""
+        return {**super().runtime_state(), "remote_dir": self._remote_dir}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        super().load_runtime_state(state)
+        remote_dir = state.get("remote_dir")
+        self._remote_dir = remote_dir if isinstance(remote_dir, str) and remote_dir.startswith("/") else None
