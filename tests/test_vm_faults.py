@@ -82,6 +82,33 @@ async def test_qemu_killed_is_detected() -> None:
     assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
 
 
+async def test_ssh_port_taken_before_qemu_binds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SSH port is free when chosen but closed again until QEMU binds it: when another
+    process took it meanwhile, the VM starts on a new port (it failed to start before)."""
+    import socket
+
+    from sandbox_kernels.runtimes import libvirt
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    chosen = iter([taken])
+    real = libvirt._free_port
+    monkeypatch.setattr(libvirt, "_free_port", lambda: next(chosen, 0) or real())
+    try:
+        km, kc = await start("sandbox-nixos-vm", timeout=300)
+        try:
+            assert km.provisioner.ssh_port not in (None, taken)
+            out = await run_cell(kc, "print(6 * 7)", timeout=EXEC_TIMEOUT)
+            assert out["stdout"] == "42\n"
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+    finally:
+        squatter.close()
+
+
 async def test_guest_sshd_sessions_killed_are_survived() -> None:
     """The kernel's user kills every sshd process it can reach in the guest (its SSH sessions;
     the listening daemon is root's): the provisioner reconnects, the kernel keeps its state."""
