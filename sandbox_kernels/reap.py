@@ -64,6 +64,17 @@ def _domains() -> list[Orphan]:
     return found
 
 
+def _passt(existing: set[str]) -> list[Orphan]:
+    """passt processes (the outbound NICs of VMs with allow_network) whose VM is gone.
+
+    passt exits when its QEMU does, so these are stuck ones.
+    """
+    from .vm import outbound
+
+    return [Orphan("passt", f"pid {pid} (kernel {kid})", lambda pid=pid, kid=kid: outbound.stop_process(pid, kid))
+            for pid, kid in outbound.leftover_processes() if kid not in existing]
+
+
 def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
     """Kernel pods in ``namespace`` whose owner ran on this host and is gone.
 
@@ -135,6 +146,7 @@ def find_orphans(min_age: float = 600.0, namespace: str = "", kubeconfig: str = 
     namespace = namespace or os.environ.get("SANDBOX_K8S_NAMESPACE", "") or "default"
     kubeconfig = kubeconfig or os.environ.get("SANDBOX_K8S_KUBECONFIG", "")
     orphans = _containers() + _domains() + _pods(namespace, kubeconfig)
+    orphans += _passt(_existing_sandbox_ids())
     orphans += _directories(_live_kernels() | _existing_sandbox_ids(), min_age)
     return orphans
 

@@ -193,3 +193,39 @@ def _read(path: Path) -> str:
 
 async def _truthy(items: list[str]) -> bool:
     return bool(items)
+
+
+def test_reap_finds_a_passt_whose_vm_is_gone(tmp_path: Path) -> None:
+    """passt (the outbound NIC of a VM with allow_network) exits with its QEMU; one that did
+    not (stuck, here one that never got a QEMU) is listed and removed by `reap`."""
+    import shutil
+    import time
+
+    from sandbox_kernels import reap
+    from sandbox_kernels.vm import outbound
+
+    if shutil.which("passt") is None:
+        pytest.fail("passt is not installed (scripts/setup.sh installs it)")
+    kernel_id = "gone-0123456789"
+    sockets = tmp_path / "passt"
+    sockets.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chown(sockets, outbound.net_uid(), -1)
+    proc = subprocess.Popen([outbound.ARGV0 + kernel_id.encode().hex(), "-f", "-q", "--runas", outbound.NET_USER,
+                             "-s", str(sockets / "s.sock"), "-l", str(tmp_path / "passt.log"), "-4"],
+                            executable=shutil.which("passt"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while (proc.pid, kernel_id) not in set(outbound.leftover_processes()):
+            assert proc.poll() is None and time.monotonic() < deadline, "passt did not start"
+            time.sleep(0.1)
+        # (only this orphan is removed: other sandboxes on this shared machine are not ours)
+        found = [o for o in reap.find_orphans() if o.name == f"pid {proc.pid} (kernel {kernel_id})"]
+        assert [o.kind for o in found] == ["passt"]
+        found[0].remove()
+        assert proc.wait(10) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

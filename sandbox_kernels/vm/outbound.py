@@ -21,10 +21,12 @@ it when it starts (``-netdev stream,server=off``); we hand the accepted connecti
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -230,6 +232,13 @@ def leftover_processes() -> Iterator[tuple[int, str]]:
         except (OSError, ValueError):
             continue
         yield int(entry.name), kernel_id
+
+
+def stop_process(pid: int, kernel_id: str) -> None:
+    """Kill the passt ``pid`` of ``kernel_id`` if it is still that process (not a reused pid)."""
+    if (pid, kernel_id) in set(leftover_processes()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
