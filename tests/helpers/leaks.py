@@ -68,6 +68,23 @@ def _pods() -> list[str]:
     return out.stdout.split() if out.returncode == 0 else []
 
 
+def _passt() -> list[str]:
+    """passt processes (outbound NICs of VMs) of this session's kernels, as "pid kernel-id"."""
+    try:
+        from sandbox_kernels.vm.outbound import leftover_processes
+    except ImportError:
+        return []
+    root = os.environ["SANDBOX_KERNELS_STATE_DIR"].encode()
+    found = []
+    for pid, kernel_id in leftover_processes():
+        try:  # its log is in the kernel's state directory, under this session's root
+            if root + b"/" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(f"{pid} {kernel_id}")
+        except OSError:
+            pass
+    return found
+
+
 def find_leaks() -> dict[str, list[str]]:
     """Everything of this session's that exists now, by kind."""
     return {
@@ -75,6 +92,7 @@ def find_leaks() -> dict[str, list[str]]:
         "snapshot images": _docker_images(),
         "domains": _domains(),
         "state": _state_entries(),
+        "passt": _passt(),
         "pods": _pods(),
     }
 
@@ -91,3 +109,8 @@ def remove_leaks(leaks: dict[str, list[str]]) -> None:
                        capture_output=True, timeout=60)
     for path in leaks.get("state", []):
         shutil.rmtree(path, ignore_errors=True)
+    for entry in leaks.get("passt", []):
+        from sandbox_kernels.vm.outbound import stop_process
+
+        pid, kernel_id = entry.split(" ", 1)
+        stop_process(int(pid), kernel_id)
