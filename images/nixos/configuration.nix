@@ -5,7 +5,8 @@
 #       ssh_host_ed25519_key  the host key the provisioner pins
 #       authorized_keys       the client key allowed to log in as executor
 #       hostname              the guest's hostname
-#       network               present: outbound network allowed (default route + DNS)
+#       network               present: outbound network allowed (default route + DNS
+#                             through the NIC with MAC 52:54:00:5a:4b:01, the host's passt)
 #       random_seed           mixed into /dev/urandom
 #       workspace             present: mount the disk with serial "sandbox-workspace" at
 #                             /home/executor/work (formatted ext4 on first use)
@@ -17,7 +18,8 @@
 #     installs its host key, authorized key and hostname, sets the clock, reseeds the
 #     kernel's RNG, reloads sshd, prints SANDBOX-READY and answers "reseeded" (or
 #     "reseed-failed: <reason>") on the port;
-#   * no passwords anywhere; eth0 is 10.0.2.15/24 on QEMU's user-mode network.
+#   * no passwords anywhere; eth0 is 10.0.2.15/24 on QEMU's user-mode network (restrict=on:
+#     only the host's SSH forward); outbound traffic has a NIC of its own (10.0.3.15/24).
 { config, lib, pkgs, modulesPath, ... }:
 
 let
@@ -79,16 +81,20 @@ let
       cat "$seed/random_seed" > /dev/urandom
     fi
 
-    if [ -e "$seed/network" ]; then
-      ip route replace default via 10.0.2.2 dev eth0 || fail "cannot add the default route"
-      echo "nameserver 10.0.2.3" | resolvconf -a eth0.sandbox || true
-      # With restrict=off, QEMU's slirp maps 10.0.2.2 to the HOST's loopback: keep
-      # unprivileged users (the kernel) away from it and from 10.0.2.3 except DNS.
-      ip rule add pref 100 uidrange 1000-4294967294 to 10.0.2.3/32 ipproto udp dport 53 lookup main
-      ip rule add pref 101 uidrange 1000-4294967294 to 10.0.2.3/32 ipproto tcp dport 53 lookup main
-      ip rule add pref 102 uidrange 1000-4294967294 to 10.0.2.2/31 prohibit \
-        || fail "cannot keep the kernel away from the host's loopback"
-      echo "sandbox-seed: outbound network: allowed" > /dev/console
+    # The kernel's user fails fast on slirp's host addresses (restrict=on: nothing answers).
+    ip rule add pref 102 uidrange 1000-4294967294 to 10.0.2.2/31 prohibit || true
+    # Outbound traffic goes through a NIC of its own, the host's passt, which rejects this
+    # machine's addresses itself (see sandbox_kernels/vm/outbound.py).
+    out=""
+    for nic in /sys/class/net/*; do
+      [ "$(cat "$nic/address" 2>/dev/null)" = 52:54:00:5a:4b:01 ] && out=$(basename "$nic")
+    done
+    if [ -e "$seed/network" ] && [ -n "$out" ]; then
+      ip link set "$out" up
+      ip addr add 10.0.3.15/24 dev "$out"
+      ip route replace default via 10.0.3.2 dev "$out" || fail "cannot add the default route"
+      echo "nameserver 10.0.3.3" | resolvconf -a "$out.sandbox" || true
+      echo "sandbox-seed: outbound network: allowed through $out" > /dev/console
     else
       ip route del default 2>/dev/null || true
       echo "sandbox-seed: outbound network: off" > /dev/console
