@@ -32,6 +32,11 @@ def check(report: RuntimeReport) -> None:
         report.ok = False
         report.details.append(f"base image {image} missing")
         report.fixes.append("sandbox-kernels image build vm (or set NIXOS_SANDBOX_BASE_IMAGE)")
+    from ..vm.outbound import problem
+
+    missing = problem()
+    report.details.append(f"allow_network: {'unavailable: ' + missing if missing else 'ready'} "
+                          "(outbound NIC through passt, kept off this machine by nftables)")
     kernel = os.path.splitext(image)[0] + ".vmlinuz"
     try:
         choice = choose_domain_type("auto", kernel if os.path.exists(kernel) else None)

@@ -105,6 +105,21 @@ def ensure_firewall(uid: int) -> None:
                                  f"allow_network off this machine: {proc.stderr.strip()[:500]}")
 
 
+def problem() -> str | None:
+    """Why VMs with allow_network cannot start here (for ``doctor``), or None if they can."""
+    if shutil.which("passt") is None:
+        return "passt is missing: apt-get install passt (scripts/setup.sh does)"
+    if shutil.which("nft") is None:
+        return "nft is missing: apt-get install nftables (scripts/setup.sh does)"
+    try:
+        net_uid()
+    except SandboxUnavailable as e:
+        return str(e)
+    if os.geteuid() != 0:
+        return "the server must run as root to start passt as its own user behind the nftables rule"
+    return None
+
+
 class OutboundLink:
     """One VM's outbound NIC: the socket QEMU connects to, and the passt serving it.
 
