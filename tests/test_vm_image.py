@@ -316,3 +316,22 @@ def test_libvirt_down_is_an_actionable_error() -> None:
     host = LibvirtHost("qemu+unix:///system?socket=/nonexistent/libvirt-sock")
     with pytest.raises(SandboxUnavailable, match="libvirtd -d"):
         host.connect()
+
+
+def test_outbound_ruleset_rejects_this_machine_for_passts_user_only(tmp_path: Path) -> None:
+    from sandbox_kernels.vm.outbound import TABLE, ruleset
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\nnameserver bogus\n")
+    rules = ruleset(995, str(resolv))
+    assert rules.startswith(f"table inet {TABLE}\ndelete table inet {TABLE}\n")  # atomic replace
+    assert "meta skuid 995 fib daddr type { local, broadcast, multicast, anycast } counter reject" in rules
+    # DNS to a loopback resolver of the host stays possible, port 53 only; nothing else is let through.
+    assert "meta skuid 995 ip daddr 127.0.0.53 meta l4proto { tcp, udp } th dport 53 accept" in rules
+    assert "meta skuid 995 ip6 daddr ::1 meta l4proto { tcp, udp } th dport 53 accept" in rules
+    assert "10.255.255.53" not in rules and "bogus" not in rules
+    assert all(line.strip().startswith("meta skuid 995 ") for line in rules.splitlines()
+               if line.strip().endswith(("accept", "reject")))
+    check = subprocess.run(["nft", "-c", "-f", "-"], input=rules.replace(f"delete table inet {TABLE}\n", ""),
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
