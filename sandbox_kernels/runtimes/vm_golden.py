@@ -28,7 +28,7 @@ while kill -0 "$pid" 2>/dev/null; do
     grep -q '^preloaded' "$log" 2>/dev/null && exit 0
     sleep 0.1
 done
-tail -n 30 "$log"
+tail -c 8192 "$log"  # written in the guest: a bounded tail
 exit 3
 """
 
