@@ -297,6 +297,11 @@ async def test_snapshot_and_rollback_from_the_panel(lab: Lab, kernel_name: str) 
         await page.locator(f"#{PANEL_ID} .sk-view[data-state='ready']").wait_for(timeout=60_000)
         kinds = [await o.get_attribute("value") for o in await page.locator("#sk-create-kind option").all()]
         assert kinds, "the kind selector is empty"
+        if kernel_name == "sandbox-nixos-vm":  # the header says which guest OS "NixOS VM" runs
+            guest = await view.locator(".sk-sandbox").inner_text()
+            assert guest.startswith("NixOS") or "not NixOS" in guest, guest
+        else:
+            assert await view.locator(".sk-sandbox").is_hidden()
         name, create = page.locator("#sk-create-name"), page.locator("#sk-create-button")
         await name.fill("not a name!")
         assert await create.is_disabled(), "an invalid name must disable Create"

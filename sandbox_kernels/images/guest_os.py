@@ -14,7 +14,7 @@ from pathlib import Path
 
 #: os-release is a few hundred bytes; a larger file is not one.
 _MAX_BYTES = 16 * 1024
-NIXOS_HINT = "build the NixOS image from images/nixos with Nix (see images/nixos/README.md)"
+NIXOS_HINT = "build images/nixos with Nix for the NixOS image"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class GuestOS:
             return f"unknown guest OS ({self.name})"
         if self.is_nixos:
             return self.name
-        return f"{self.name} (the CI guest, not NixOS: {NIXOS_HINT})"
+        return f"{self.name}: the CI guest, not NixOS ({NIXOS_HINT})"
 
 
 def record_path(image: str | os.PathLike[str]) -> Path:

@@ -442,6 +442,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info.pop("curve_publickey", None)
         return info
 
+    def sandbox_description(self) -> str:
+        """One line a person reads about the sandbox (a VM's guest OS); default empty.
+
+        Shown by the snapshot panel's header and the snapshot listing.
+        """
+        return ""
+
     def runtime_state(self) -> dict[str, Any]:
         """JSON-able state a re-attaching process needs (container id, ports, ...)."""
         return {}

@@ -33,6 +33,7 @@ from ..vm import golden, image_policy, overlay
 from ..vm.access import ensure_emulator_access
 from ..vm.accel import choose_domain_type
 from ..vm.domain_xml import DomainSpec
+from ..images.guest_os import guest_os
 from ..vm.boot import console_tail, read_tail
 from ..vm.libvirt_conn import LibvirtHost
 from ..vm.outbound import OutboundLink
@@ -191,6 +192,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     def _image_dir(self) -> Path:
         return Path(self.images_dir) / self.kernel_id
 
+    def sandbox_description(self) -> str:
+        """The guest OS of the base image (from its os-release record)."""
+        return guest_os(self.base_image).describe()
+
     def remote_dir(self) -> str:
         """One kernel per VM: a fixed directory in the guest."""
         return "/tmp/sandbox-kernel"
@@ -227,6 +232,8 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         spec, base = await self._prepare_vm()
         host = await self._libvirt()
         console = Path(spec.serial_log)
+        self.log.info("Kernel %s: VM guest %s; serial console log %s", self.kernel_id,
+                      self.sandbox_description(), console)
         found = await to_thread(golden.load, self._golden_key(spec)) if self._golden_eligible() else None
         if found is not None:
             try:
@@ -300,7 +307,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
                 f"`sandbox-kernels image build vm`, or set guest_kernel.")
         host = await self._libvirt()
         choice = await to_thread(choose_domain_type, self.accelerator, self._kernel_path)
-        self.log.info("Kernel %s: VM domain type %s (%s)", self.kernel_id, choice.domain_type, choice.reason)
+        self.log.debug("Kernel %s: VM domain type %s (%s)", self.kernel_id, choice.domain_type, choice.reason)
         state = self.state_dir
         keys = await to_thread(create_sandbox_keys, state / "ssh", self.kernel_id[:32])
         if self.ssh_key_path:

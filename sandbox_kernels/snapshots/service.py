@@ -148,6 +148,7 @@ class SnapshotService:
         return {
             "kernel_id": self.provisioner.kernel_id,
             "runtime": self.provisioner.runtime,
+            "sandbox": self.provisioner.sandbox_description(),
             **caps.to_dict(),
             "snapshots": [s.to_dict() for s in await self.list()],
         }

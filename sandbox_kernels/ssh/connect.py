@@ -103,7 +103,7 @@ class Connector:
             raise
         finally:
             track(None)
-        self.logger.info(
+        self.logger.debug(
             "connected to %s as %r (host key %s)",
             self.target, self.username, describe_key(host_key),
         )

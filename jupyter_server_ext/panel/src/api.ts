@@ -30,6 +30,8 @@ export interface ISnapshot {
 export interface ISnapshotListing {
   kernel_id: string;
   runtime: string;
+  /** One line about the sandbox, e.g. a VM's guest OS; empty when there is nothing to say. */
+  sandbox?: string;
   kinds: SnapshotKind[];
   default_kind: SnapshotKind;
   /** What rollback means for this runtime, e.g. that memory state is not kept. */

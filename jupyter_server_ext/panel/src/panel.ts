@@ -3,7 +3,8 @@
  * and creates, rolls back and deletes them through the REST API.
  *
  * DOM hooks for tests and themes: the view node `.sk-view[data-state]` (no-notebook, no-kernel,
- * loading, not-sandboxed, unavailable, ready), `#sk-create-name`, `#sk-create-kind`,
+ * loading, not-sandboxed, unavailable, ready), the header's `.sk-kernel` and `.sk-sandbox`
+ * (a VM's guest OS), `#sk-create-name`, `#sk-create-kind`,
  * `#sk-create-keep`, `#sk-create-button`, rows `.sk-snapshot-row[data-name][data-kind]` with
  * `.sk-rollback` and `.sk-delete`, and the status line `.sk-status[data-state]` (idle, busy,
  * done, error).
@@ -423,7 +424,7 @@ export class SnapshotPanel extends SidePanel {
   }
 
   private _render(): void {
-    const { root, message, kernel, note } = this._dom;
+    const { root, message, kernel, sandbox, note } = this._dom;
     root.dataset.state = this._state;
     const ready = this._state === 'ready' && this._listing !== null;
     root.classList.toggle('sk-mod-ready', ready);
@@ -439,6 +440,8 @@ export class SnapshotPanel extends SidePanel {
     kernel.title = this.kernelId
       ? `Kernel ${this.kernelId}${this._listing ? ` (${this._listing.runtime} runtime)` : ''}`
       : '';
+    sandbox.textContent = this._listing?.sandbox ?? '';
+    sandbox.hidden = !ready || !this._listing?.sandbox;
     note.textContent = this._listing?.note ?? '';
     note.hidden = !ready || !this._listing?.note;
     this._dom.form.hidden = !ready;
@@ -555,6 +558,7 @@ export namespace SnapshotPanel {
 interface IViewDom {
   root: HTMLElement;
   kernel: HTMLElement;
+  sandbox: HTMLElement;
   note: HTMLElement;
   message: HTMLElement;
   form: HTMLElement;
@@ -587,6 +591,7 @@ function el<K extends keyof HTMLElementTagNameMap>(
 function buildView(): IViewDom {
   const root = el('div');
   const kernel = el('div', 'sk-kernel');
+  const sandbox = el('p', 'sk-sandbox');
   const note = el('p', 'sk-note');
   const message = el('div', 'sk-message');
 
@@ -634,10 +639,11 @@ function buildView(): IViewDom {
   const empty = el('p', 'sk-empty', 'No snapshots yet.');
   listSection.append(list, empty);
 
-  root.append(kernel, message, note, form, status, listSection);
+  root.append(kernel, sandbox, message, note, form, status, listSection);
   return {
     root,
     kernel,
+    sandbox,
     note,
     message,
     form,
