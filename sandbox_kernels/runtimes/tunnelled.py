@@ -23,7 +23,7 @@ from ..aio import to_thread
 from ..client_sockets import ClientSockets, transport_trait
 from ..errors import SandboxConnectionError, SandboxError, SandboxStartError, SandboxTimeout
 from ..provisioning.base import SandboxProvisioner
-from ..ssh.remote import ProcessWatch, parse_int
+from ..ssh.status import ProcessWatch, parse_int
 from ..settings import env_default
 from ..ssh.tunnel import SSHTunnel
 

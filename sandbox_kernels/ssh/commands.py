@@ -17,6 +17,7 @@ import paramiko
 
 from ..errors import SandboxConfigError, SandboxNotFound
 from . import remote
+from .status import ProcessWatch, watch_process
 
 
 class RemoteCommands(ABC):
@@ -153,13 +154,13 @@ class RemoteCommands(ABC):
         transport = self._transport_for_call(timeout)
         return remote.process_status(transport, pid, log_path, _remaining(deadline))
 
-    def watch_process(self, pid: int, log_path: str, timeout: float = 30.0) -> remote.ProcessWatch:
-        """A cheap, push-style watch of a detached process; see :func:`remote.watch_process`.
+    def watch_process(self, pid: int, log_path: str, timeout: float = 30.0) -> ProcessWatch:
+        """A cheap, push-style watch of a detached process; see :func:`sandbox_kernels.ssh.status.watch_process`.
 
         Raises:
             SandboxConfigError, SandboxTimeout, SandboxConnectionError: as for :meth:`run`.
         """
-        return remote.watch_process(self._transport_for_call(timeout), pid, log_path, timeout)
+        return watch_process(self._transport_for_call(timeout), pid, log_path, timeout)
 
     def process_exit_code(
         self, pid: int, log_path: str | None = None, timeout: float = 30.0

@@ -23,7 +23,7 @@ import json
 from typing import Protocol
 
 from ..errors import SandboxConfigError, SandboxStartError
-from .remote import CommandResult
+from .runner import CommandResult
 
 #: The default base, relative to the login user's home directory.
 DEFAULT_BASE = "~/.cache/sandbox-kernels-ssh"
