@@ -12,6 +12,7 @@ so the tests can look at its files and at every process's ``/proc/<pid>/cmdline`
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import pwd
@@ -271,6 +272,82 @@ async def test_environment_values_never_appear_in_a_command_line(ssh_host: dict[
         stop.set()
         scanner.join(30)
     assert seen == [], seen
+
+
+def _holds_secret(data: bytes, secret: bytes) -> bool:
+    """Whether a command line holds ``secret``, as is or inside a base64 word."""
+    if secret in data:
+        return True
+    for word in data.split(b"\0"):
+        try:
+            if secret in base64.b64decode(word, validate=True):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+#: Stands in for the VM's kernel preloader (kernel_preloader.py) on the SSH host: answers one
+#: fork request with its own pid, keeping the request for the test to read.
+FAKE_PRELOADER = r"""
+d=$1 i=0
+while [ ! -e "$d/fork-request" ] && [ "$i" -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done
+mv "$d/fork-request" "$d/request-seen"
+echo "$$" > "$d/fork-reply.tmp" && mv "$d/fork-reply.tmp" "$d/fork-reply"
+sleep 120
+"""
+
+
+async def test_fork_request_environment_never_appears_in_a_command_line(ssh_host: dict[str, str]) -> None:
+    """The preloader path (VM kernels): the connection file and the fork request, which carry
+    the key and the environment, travel on stdin."""
+    from jupyter_client.kernelspec import KernelSpec
+
+    from sandbox_kernels.runtimes.ssh import SSHHostProvisioner
+
+    secret = f"sk-fork-secret-{uuid.uuid4().hex}".encode()
+    spec = KernelSpec(argv=["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                      display_name="fork", language="python", env={})
+    prov = SSHHostProvisioner(kernel_id=str(uuid.uuid4()), kernel_spec=spec)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def scan() -> None:
+        while not stop.is_set() and len(seen) < 10:
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        data = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if _holds_secret(data, secret):
+                        seen.append(f"{entry.name}: {data[:200]!r}")
+
+    try:
+        tunnel = await prov._tunnel_ready()
+        await prov.prepare_remote_dir(tunnel)
+        rdir = prov.remote_dir()
+        prov._preloader_pid = await asyncio.to_thread(
+            tunnel.start_detached, ["sh", "-c", FAKE_PRELOADER, "fake-preloader", rdir], f"{rdir}/preloader.log")
+        scanner = threading.Thread(target=scan, daemon=True)
+        scanner.start()
+        try:
+            child = await prov._fork_kernel(tunnel, ["python3", "-m", "ipykernel_launcher", "-f",
+                                                     prov.sandbox_connection_file()],
+                                            {"SK_SECRET": secret.decode()}, b'{"key": "' + secret + b'"}')
+        finally:
+            stop.set()
+            scanner.join(30)
+        assert child > 1
+        request = json.loads(Path(rdir, "request-seen").read_text())
+        assert request["env"] == {"SK_SECRET": secret.decode()}
+        assert secret in Path(rdir, "connection.json").read_bytes()
+        assert seen == [], seen
+    finally:
+        stop.set()
+        if prov._preloader_pid is not None:
+            prov.pid = prov._preloader_pid  # destroy_sandbox kills it with the directory
+        await prov.destroy_sandbox()
 
 
 # ---------------------------------------------------------------- finding 7: bounded reads
