@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from helpers.ssh_host import USER, kernel_dirs, ssh_host as running_ssh_host
-from lifecycle import LifecycleSuite, Runtime, run_cell, start
+from lifecycle import LifecycleSuite, Runtime, run_cell, start, wait_until
 from sandbox_kernels.ssh.keys import generate_keypair
 
 pytestmark = pytest.mark.ssh
@@ -62,6 +62,35 @@ async def test_unknown_host_key_refused(ssh_host: dict[str, str], kernelspec_dir
         await start("wrongkey", ksm=ksm, timeout=30)
     text = str(info.value)
     assert "host key" in text.lower() and stranger.fingerprint in text, text
+
+
+async def test_a_reattached_server_cleans_up_the_kernel_directory(ssh_host: dict[str, str]) -> None:
+    """The host chose the kernel directory's name: it is in the provisioner info, so a server
+    that re-attaches (or reaps) finds and removes it, with the kernel."""
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    km, kc = await start("sandbox-ssh", timeout=60)
+    try:
+        info = await km.provisioner.get_provisioner_info()
+        [kdir] = kernel_dirs(km.kernel_id)
+        assert info["sandbox_state"]["remote_dir"] == str(kdir)
+        other = KernelProvisionerFactory.instance().create_provisioner_instance(
+            km.kernel_id, km.kernel_spec, parent=None)
+        await other.load_provisioner_info(info)
+        await other.cleanup(restart=False)
+        assert not kdir.exists()
+        pid = info["sandbox_state"]["pid"]
+
+        async def kernel_gone() -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        assert await wait_until(kernel_gone, timeout=30), "the re-attached clean-up left the kernel running"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
 
 
 @pytest.mark.slow
