@@ -1,19 +1,20 @@
 """Docker runtime: one container per kernel, no network, ZMQ over ipc sockets.
 
 The kernel's sockets are unix sockets in a per-kernel directory bind-mounted into the
-container at the same path, so the container needs no network at all. Docker's init
-(``--init``) is PID 1 and forwards signals to the kernel; when the kernel exits the container
-stops, so ``poll`` is a container state check. Restart starts the same container again.
+container at the same path, so the container needs no network at all. That directory is the
+only host directory the container can write; the connection file comes in through a
+read-only mount, and the rest of the kernel's state directory (the control socket included)
+is never mounted (see :mod:`.docker_dirs`). Docker's init (``--init``) is PID 1 and forwards
+signals to the kernel; when the kernel exits the container stops, so ``poll`` is a container
+state check. Restart starts the same container again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Float, Int, Unicode, validate
@@ -22,8 +23,10 @@ from ..aio import to_thread
 from ..errors import SandboxConfigError, SandboxNotFound, SandboxStartError
 from ..labels import KERNEL_ID
 from ..snapshots.model import Capabilities, Snapshot
+from ..snapshots.quota import Quota
 from ..provisioning.base import SandboxProvisioner
 from ..settings import env_default, parse_size
+from .docker_dirs import CONTAINER_CONNECTION_FILE, IPC_DIR, KernelDirs, remove_tree
 from .docker_engine import DockerEngine
 
 DEFAULT_IMAGE = "sandbox-kernels/python:latest"
@@ -31,7 +34,7 @@ SNAPSHOT_REPOSITORY = "sandbox-kernels/snapshot"
 SNAPSHOT_LABEL = "sandbox-kernels.snapshot"
 _KEEP_LABEL = "sandbox-kernels.keep"
 _CREATED_LABEL = "sandbox-kernels.created"
-_CONNECTION_FILE = "connection.json"
+_BASE_SIZE_LABEL = "sandbox-kernels.base-size"  # bytes of the image committed from
 _SANDBOX_UID = 1000  # the image's `executor` user
 
 
@@ -105,20 +108,25 @@ class DockerProvisioner(SandboxProvisioner):
             raise SandboxConfigError(f"workdir={self.workdir!r} must be an absolute path.")
 
     @property
+    def _dirs(self) -> KernelDirs:
+        ids = (_SANDBOX_UID, _SANDBOX_UID) if os.geteuid() == 0 else None
+        return KernelDirs(self.state_dir, ids)
+
+    @property
     def _ipc(self) -> bool:
         return self.network == "none"
 
     def configure_transport(self, km: Any) -> None:
-        """ipc sockets in the per-kernel directory, or TCP on 127.0.0.1 with a network."""
+        """ipc sockets in the kernel's ipc directory, or TCP on 127.0.0.1 with a network."""
         if self._ipc:
             km.transport = "ipc"
-            km.ip = str(self.state_dir / "k")
+            km.ip = str(self._dirs.ipc / "k")
         else:
             super().configure_transport(km)
 
     def sandbox_connection_file(self) -> str:
-        """The connection file sits in the bind-mounted state directory."""
-        return str(self.state_dir / _CONNECTION_FILE)
+        """The container's own copy of the read-only connection file (see :mod:`.docker_dirs`)."""
+        return CONTAINER_CONNECTION_FILE
 
     def sandbox_connection_info(self) -> dict[str, Any]:
         """With a network, the kernel binds all interfaces of its own namespace."""
@@ -138,8 +146,6 @@ class DockerProvisioner(SandboxProvisioner):
         """Check the engine and image; the container itself is made in :meth:`start_kernel`."""
         engine = await self._engine_ready()
         await to_thread(engine.check_image, self.image)
-        if os.geteuid() == 0:
-            os.chown(self.state_dir, _SANDBOX_UID, _SANDBOX_UID)
 
     def _container_spec(self, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         memory = parse_size(self.memory, "memory")
@@ -147,7 +153,7 @@ class DockerProvisioner(SandboxProvisioner):
         user = f"{_SANDBOX_UID}:{_SANDBOX_UID}" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
         spec: dict[str, Any] = dict(
             image=self._current_image or self.image,
-            command=cmd,
+            command=self._dirs.container_command(cmd),
             name=self.sandbox_name,
             hostname=f"sandbox-{self.kernel_id[:8]}",
             labels=self.labels,
@@ -161,7 +167,7 @@ class DockerProvisioner(SandboxProvisioner):
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             read_only=self.read_only,
-            volumes={str(self.state_dir): {"bind": str(self.state_dir), "mode": "rw"}},
+            volumes=self._dirs.volumes(),
             network_mode=self.network,
         )
         if self.cpus:
@@ -176,13 +182,9 @@ class DockerProvisioner(SandboxProvisioner):
         return spec
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
-        """Write the connection file, then start the existing container or create one."""
-        path = self.state_dir / _CONNECTION_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.sandbox_connection_info(), f)
-        if os.geteuid() == 0:
-            os.chown(path, _SANDBOX_UID, _SANDBOX_UID)
+        """A fresh ipc directory and the connection file, then start the existing container
+        or create one. No kernel runs here: the container is stopped or gone."""
+        await to_thread(self._dirs.prepare, self.sandbox_connection_info())
         engine = await self._engine_ready()
         if self.container_id:
             try:
@@ -203,7 +205,7 @@ class DockerProvisioner(SandboxProvisioner):
         ports = [info[f"{ch}_port"] for ch in ("shell", "iopub", "stdin", "control", "hb")]
         deadline = time.monotonic() + self.launch_timeout
         while time.monotonic() < deadline:
-            if self._ipc and all(os.path.exists(f"{info['ip']}-{p}") for p in ports):
+            if self._ipc and await to_thread(self._dirs.sockets_bound, info["ip"], ports):
                 return
             state = await to_thread(engine.state, self.container_id)
             if state is None or state.get("Status") in ("exited", "dead"):
@@ -260,6 +262,8 @@ class DockerProvisioner(SandboxProvisioner):
         for ref in filter(None, (self.container_id, self.sandbox_name)):
             await to_thread(engine.remove, ref)
         self.container_id = None
+        if self._state_dir is not None:  # what the sandbox wrote, before the base removes the rest
+            await to_thread(remove_tree, self._state_dir / IPC_DIR)
         for snap in await self.snapshot_list():
             if not snap.keep:
                 await to_thread(engine.remove_image, self._snapshot_ref(snap.name))
@@ -299,22 +303,41 @@ class DockerProvisioner(SandboxProvisioner):
                 continue
             created = dt.datetime.fromtimestamp(int(labels.get(_CREATED_LABEL, row.get("Created", 0))),
                                                 dt.timezone.utc)
+            size = max(0, int(row.get("Size") or 0) - int(labels.get(_BASE_SIZE_LABEL, 0)))
             snaps.append(Snapshot(name=labels[SNAPSHOT_LABEL], kind="filesystem",
                                   created=created.isoformat(timespec="seconds"),
-                                  size=row.get("Size"), keep=labels.get(_KEEP_LABEL) == "true"))
+                                  size=size, keep=labels.get(_KEEP_LABEL) == "true"))
         return snaps
 
     async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
-        """``docker commit`` the container (paused for the moment of the commit)."""
+        """``docker commit`` the container (paused for the moment of the commit).
+
+        The snapshot's size is its own layer: the committed image less the image the
+        container runs from (what the snapshot quota counts).
+
+        Raises:
+            SandboxQuotaExceeded: the container's files would take the kernel's snapshots
+                over ``snapshot_max_bytes`` (measured before anything is written).
+        """
         if not self.container_id:
             raise SandboxNotFound(f"kernel {self.kernel_id} has no container to snapshot")
         engine = await self._engine_ready()
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        base = await to_thread(engine.image_size, self._current_image or self.image)
         labels = {**self.labels, SNAPSHOT_LABEL: name, _KEEP_LABEL: str(keep).lower(),
-                  _CREATED_LABEL: str(int(now.timestamp()))}
+                  _CREATED_LABEL: str(int(now.timestamp())), _BASE_SIZE_LABEL: str(base)}
         repo, _, tag = self._snapshot_ref(name).partition(":")
-        size = await to_thread(engine.commit, self.container_id, repo, tag, labels)
-        return Snapshot(name=name, kind="filesystem", created=now.isoformat(), size=size, keep=keep)
+        existing = await self.snapshot_list()
+        # Frozen from the measure to the end of the commit: a sparse file the kernel makes
+        # meanwhile would be written out whole (1 TiB of zeros) into Docker's storage.
+        await to_thread(engine.pause, self.container_id, True)
+        try:
+            Quota.of(self).check_room(existing, estimate=await to_thread(engine.rw_size, self.container_id))
+            size = await to_thread(engine.commit, self.container_id, repo, tag, labels, False)
+        finally:
+            await to_thread(engine.pause, self.container_id, False)
+        return Snapshot(name=name, kind="filesystem", created=now.isoformat(), size=max(0, size - base),
+                        keep=keep)
 
     async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
         """Replace the container with one from the snapshot's image; the kernel restarts."""
@@ -322,10 +345,6 @@ class DockerProvisioner(SandboxProvisioner):
         if self.container_id:
             await to_thread(engine.remove, self.container_id)
         self.container_id = None
-        info = self.connection_info
-        if self._ipc:
-            for ch in ("shell", "iopub", "stdin", "control", "hb"):
-                Path(f"{info['ip']}-{info[f'{ch}_port']}").unlink(missing_ok=True)
         self._current_image = self._snapshot_ref(snapshot.name)
         await self.start_kernel(self._last_cmd, self._sandbox_env)
         await self.wait_ready()

@@ -141,13 +141,31 @@ class DockerEngine:
             raise SandboxError(f"container {container_id[:12]} did not stop: {e}") from e
 
     @_engine_call
-    def logs(self, container_id: str, tail: int = 30) -> str:
-        """The last ``tail`` lines of the container's output ("" if unavailable)."""
+    def logs(self, container_id: str, tail: int = 30, max_bytes: int = 16 * 1024) -> str:
+        """The last ``tail`` lines of the container's output, at most ``max_bytes`` of them.
+
+        The output is the kernel's, so hostile: one line can be gigabytes. It is streamed
+        and read no further than ``max_bytes``; the end of what was read is kept.
+        """
+        chunks: list[bytes] = []
+        size = 0
         try:
-            raw = self._client.api.logs(container_id, tail=tail)
+            stream = self._client.api.logs(container_id, tail=tail, stream=True, follow=False)
+            try:
+                for chunk in stream:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= max_bytes:
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
         except self._errors.APIError:
             return ""
-        return raw.decode(errors="replace")
+        raw = b"".join(chunks)
+        text = raw[-max_bytes:].decode(errors="replace")
+        return text if len(raw) <= max_bytes else f"[output cut to its last {max_bytes} bytes]\n{text}"
 
     @_engine_call
     def remove(self, container_id: str) -> None:
@@ -176,7 +194,43 @@ class DockerEngine:
     # -- snapshot images -----------------------------------------------------------------------
 
     @_engine_call
-    def commit(self, container_id: str, repository: str, tag: str, labels: dict[str, str]) -> int:
+    def pause(self, container_id: str, paused: bool) -> None:
+        """Freeze (``paused=True``) or thaw the container's processes; a stopped one is fine.
+
+        Raises:
+            SandboxNotFound: the container no longer exists.
+        """
+        try:
+            if paused:
+                self._client.api.pause(container_id)
+            else:
+                self._client.api.unpause(container_id)
+        except self._errors.NotFound as e:
+            raise SandboxNotFound(f"container {container_id[:12]} is gone") from e
+        except self._errors.APIError as e:
+            if e.status_code == 409 or "is not paused" in str(e.explanation):  # not running,
+                return  # or already (un)paused
+            raise SandboxError(f"Docker could not (un)pause the container: {e.explanation}") from e
+
+    @_engine_call
+    def rw_size(self, container_id: str) -> int:
+        """Bytes in the container's writable layer (apparent sizes: a sparse file counts whole,
+        as ``docker commit`` would write it).
+
+        Raises:
+            SandboxNotFound: the container no longer exists.
+        """
+        try:
+            rows = self._client.api.containers(all=True, size=True, filters={"id": container_id})
+        except self._errors.APIError as e:
+            raise SandboxError(f"Docker could not size the container: {e.explanation}") from e
+        if not rows:
+            raise SandboxNotFound(f"container {container_id[:12]} is gone")
+        return int(rows[0].get("SizeRw") or 0)
+
+    @_engine_call
+    def commit(self, container_id: str, repository: str, tag: str, labels: dict[str, str],
+               pause: bool = True) -> int:
         """Commit the container's filesystem to ``repository:tag`` with ``labels``.
 
         Returns:
@@ -185,12 +239,26 @@ class DockerEngine:
         changes = [f'LABEL "{k}"="{v}"' for k, v in labels.items()]
         try:
             result = self._client.api.commit(container_id, repository=repository, tag=tag,
-                                             changes=changes, pause=True)
+                                             changes=changes, pause=pause)
             return int(self._client.api.inspect_image(result["Id"]).get("Size", 0))
         except self._errors.NotFound as e:
             raise SandboxNotFound(f"container {container_id[:12]} is gone: cannot snapshot it") from e
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not commit the container: {e.explanation}") from e
+
+    @_engine_call
+    def image_size(self, ref: str) -> int:
+        """The size in bytes of image ``ref`` (its layers and its parents').
+
+        Raises:
+            SandboxNotFound: no such image.
+        """
+        try:
+            return int(self._client.api.inspect_image(ref).get("Size", 0))
+        except self._errors.NotFound as e:
+            raise SandboxNotFound(f"image {ref} is gone") from e
+        except self._errors.APIError as e:
+            raise SandboxError(f"Docker could not inspect image {ref}: {e.explanation}") from e
 
     @_engine_call
     def images(self, label: str) -> list[dict[str, Any]]:

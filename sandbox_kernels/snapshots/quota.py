@@ -71,12 +71,15 @@ class Quota:
         return (f"A server admin can raise c.SandboxProvisioner.{setting} in a Jupyter config "
                 f"file or {variable} in the server's environment.")
 
-    def check_room(self, snapshots: list[Snapshot]) -> None:
-        """Before a snapshot is taken: is there room for one more?
+    def check_room(self, snapshots: list[Snapshot], estimate: int | None = None) -> None:
+        """Before a snapshot is taken: is there room for one more (of ``estimate`` bytes)?
+
+        A runtime that can measure a snapshot before writing it (Docker: the container's
+        writable layer) passes ``estimate``, so an oversized one is never written.
 
         Raises:
             SandboxQuotaExceeded: the kernel already holds ``max_count`` snapshots or
-                ``max_bytes`` of them.
+                ``max_bytes`` of them, or ``estimate`` more bytes would exceed ``max_bytes``.
         """
         how = _HOW_TO_FREE.format(kernel=self.kernel_id)
         if len(snapshots) >= self.max_count:
@@ -89,6 +92,13 @@ class Quota:
             raise SandboxQuotaExceeded(
                 f"kernel {self.kernel_id}'s snapshots use {_human(used)}, the most "
                 f"snapshot_max_bytes={_human(self.max_bytes)} allows. {how} "
+                + self._raise_hint("snapshot_max_bytes", "SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES"))
+        if estimate is not None and used + estimate > self.max_bytes:
+            raise SandboxQuotaExceeded(
+                f"the sandbox's changed files ({_human(estimate)}, sparse files counted whole) "
+                f"would bring kernel {self.kernel_id}'s snapshots to {_human(used + estimate)}, "
+                f"over snapshot_max_bytes={_human(self.max_bytes)}; nothing was written. Delete "
+                f"large files in the sandbox, or snapshots: {how} "
                 + self._raise_hint("snapshot_max_bytes", "SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES"))
 
     def check_taken(self, snapshots: list[Snapshot], new: Snapshot) -> None:
