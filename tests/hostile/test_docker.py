@@ -197,6 +197,8 @@ async def drive_attacked_kernel(canary: Canary) -> None:
     kid, state_dir = km.kernel_id, km.provisioner.state_dir
     restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
     try:
+        uid = await run_cell(kc, "import os; print(os.getuid())", timeout=STEP_TIMEOUT)
+        print(f"server uid {os.getuid()}, kernel uid {uid['stdout'].strip()}", flush=True)
         # 1. restart, as Lab's button does
         await _attack(kc, canary)
         try:
@@ -272,7 +274,8 @@ async def test_non_root_server_keeps_its_own_files() -> None:
     before = canary.state()
     tests = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HOME": str(home), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "SANDBOX_KERNELS_STATE_DIR": str(home / "state"), "PYTHONPATH": str(tests)}
+           "SANDBOX_KERNELS_STATE_DIR": str(home / "state"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))}
     script = ("import asyncio, sys\nfrom pathlib import Path\n"
               "from hostile.test_docker import Canary, drive_attacked_kernel\n"
               "asyncio.run(drive_attacked_kernel(Canary(Path(sys.argv[1]))))\n")
@@ -285,6 +288,7 @@ async def test_non_root_server_keeps_its_own_files() -> None:
         out, _ = await asyncio.wait_for(proc.communicate(), STEP_TIMEOUT * 6)
         canary.check(before, "non-root server")
         assert proc.returncode == 0, out.decode(errors="replace")[-6000:]
+        assert b"server uid 65534, kernel uid 65534" in out, out[-2000:]
     finally:
         _remove_canary(canary)
         shutil.rmtree(home, ignore_errors=True)
