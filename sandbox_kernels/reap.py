@@ -76,7 +76,8 @@ def _passt(existing: set[str]) -> list[Orphan]:
 
 
 def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
-    """Kernel pods in ``namespace`` whose owner ran on this host and is gone.
+    """Kernel pods and their NetworkPolicies in ``namespace`` whose owner ran on this host and
+    is gone (a policy is listed on its own too: it outlives a pod deleted by hand).
 
     Nothing is listed when no Kubernetes configuration exists or the cluster does not answer.
     """
@@ -84,25 +85,29 @@ def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
 
     from .k8s.manifest import k8s_labels
 
+    selector = f"{labels.PREFIX}/kernel-id"
     try:
         from .k8s.api import KubeAPI
 
         api = KubeAPI(namespace, kubeconfig, request_timeout=10)
-        pods = api.list_pods(f"{labels.PREFIX}/kernel-id")
+        pods = api.list_pods(selector)
+        policies = api.list_network_policies(selector)
     except SandboxError:
         return []
     here = k8s_labels({labels.OWNER_HOST: socket.gethostname()})[f"{labels.PREFIX}/owner-host"]
     found = []
-    for pod in pods:
-        pod_labels = pod.metadata.labels or {}
-        if pod_labels.get(f"{labels.PREFIX}/owner-host") != here:
-            continue  # another host's: never ours to judge
-        owner = {labels.OWNER_HOST: socket.gethostname(),
-                 labels.OWNER_PID: pod_labels.get(f"{labels.PREFIX}/owner-pid", "0")}
-        if not labels.owner_alive(owner):
-            name = pod.metadata.name
-            found.append(Orphan("pod", f"{namespace}/{name}", lambda name=name: api.delete_pod(name),
-                                pod_labels.get(f"{labels.PREFIX}/kernel-id", "")))
+    for kind, items, delete in (("pod", pods, api.delete_pod),
+                                ("network policy", policies, api.delete_network_policy)):
+        for item in items:
+            item_labels = item.metadata.labels or {}
+            if item_labels.get(f"{labels.PREFIX}/owner-host") != here:
+                continue  # another host's: never ours to judge
+            owner = {labels.OWNER_HOST: socket.gethostname(),
+                     labels.OWNER_PID: item_labels.get(f"{labels.PREFIX}/owner-pid", "0")}
+            if not labels.owner_alive(owner):
+                name = item.metadata.name
+                found.append(Orphan(kind, f"{namespace}/{name}", lambda name=name, delete=delete: delete(name),
+                                    item_labels.get(f"{labels.PREFIX}/kernel-id", "")))
     return found
 
 

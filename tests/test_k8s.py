@@ -3,104 +3,19 @@ source package, pods on the local Docker engine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from helpers.k8s import INFRA, NAMESPACE, core as _core, delete as _delete, network_policies, pods as _pods
 from lifecycle import LifecycleSuite, Runtime, run_cell, start
 
 pytestmark = pytest.mark.k8s
-
-INFRA = Path(__file__).resolve().parent / "infra" / "k8s"
-NAMESPACE = "sandbox-kernels-test"
-LABEL = "sandbox-kernels/kernel-id"
-
-
-def _cluster_up(kubeconfig: Path) -> bool:
-    if not kubeconfig.is_file():
-        return False
-    try:
-        from kubernetes import client, config
-
-        api = client.VersionApi(config.new_client_from_config(str(kubeconfig)))
-        api.get_code(_request_timeout=5)
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(scope="session")
-def k8s_cluster() -> Iterator[str]:
-    """The test cluster's kubeconfig; brings the cluster up (building it on a cold machine)
-    unless it already runs, and tears it down at the end if this session started it.
-
-    Sets what the ``sandbox-k8s`` kernelspec needs (also for papermill subprocesses):
-    SANDBOX_K8S_KUBECONFIG, SANDBOX_K8S_NAMESPACE, SANDBOX_K8S_IMAGE_PULL_POLICY=Never.
-    """
-    if os.geteuid() != 0:
-        pytest.skip("the test cluster needs root (kubelet, Docker)")
-    pytest.importorskip("kubernetes")
-    run_dir = Path(os.environ.get("SANDBOX_K8S_RUN_DIR", "/tmp/sandbox-kernels-k8s"))
-    reused = _cluster_up(run_dir / "admin.kubeconfig")
-    up = subprocess.run(["bash", str(INFRA / "up.sh")], capture_output=True, text=True,
-                        timeout=float(os.environ.get("SANDBOX_K8S_BUILD_TIMEOUT", 1800)) + 300)
-    if up.returncode != 0:
-        pytest.fail(f"tests/infra/k8s/up.sh failed:\n{up.stderr[-4000:]}")
-    kubeconfig = up.stdout.strip().splitlines()[-1]
-    bin_dir = subprocess.run(["bash", str(INFRA / "build.sh")], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    env = {
-        "SANDBOX_KERNELS_TEST_KUBECONFIG": kubeconfig,
-        "SANDBOX_K8S_KUBECONFIG": kubeconfig,
-        "SANDBOX_K8S_NAMESPACE": NAMESPACE,
-        "SANDBOX_K8S_IMAGE_PULL_POLICY": "Never",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the cluster's kubectl
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield kubeconfig
-        left = _pods()
-        if left:
-            _core().delete_collection_namespaced_pod(NAMESPACE, label_selector=LABEL, grace_period_seconds=0)
-        assert not left, f"pods left behind: {left}"
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if not reused and os.environ.get("SANDBOX_K8S_KEEP_CLUSTER") != "1":
-            down = subprocess.run(["bash", str(INFRA / "down.sh")], capture_output=True, text=True,
-                                  timeout=300)
-            assert down.returncode == 0, down.stderr[-3000:]
-
-
-_CORE: Any = None
-
-
-def _core() -> Any:
-    global _CORE
-    if _CORE is None:
-        from kubernetes import client, config
-
-        _CORE = client.CoreV1Api(config.new_client_from_config(os.environ["SANDBOX_K8S_KUBECONFIG"]))
-    return _CORE
-
-
-def _pods(kernel_id: str | None = None) -> list[str]:
-    selector = f"{LABEL}={kernel_id}" if kernel_id else LABEL
-    pods = _core().list_namespaced_pod(NAMESPACE, label_selector=selector).items
-    return [p.metadata.name for p in pods]
-
-
-def _delete(kernel_id: str) -> None:
-    for name in _pods(kernel_id):
-        _core().delete_namespaced_pod(name, NAMESPACE, grace_period_seconds=0)
 
 
 class TestK8sLifecycle(LifecycleSuite):
@@ -212,7 +127,8 @@ async def test_api_server_restart_keeps_the_kernel(k8s_cluster: str) -> None:
 
 
 def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
-    """SIGKILL the process that owns a kernel pod; `sandbox-kernels reap` finds and deletes it."""
+    """SIGKILL the process that owns a kernel pod; `sandbox-kernels reap` finds and deletes it
+    and its NetworkPolicy."""
     import sys
 
     from test_reliability import start_orphan
@@ -224,10 +140,11 @@ def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
     assert f"would remove pod {NAMESPACE}/" in dry.stdout and _pods(kernel_id), dry.stdout
     real = subprocess.run([*reap, "--yes"], capture_output=True, text=True, check=True, timeout=120)
     assert f"removed pod {NAMESPACE}/" in real.stdout, real.stdout
+    assert f"removed network policy {NAMESPACE}/" in real.stdout, real.stdout
     deadline = time.monotonic() + 60
     while _pods(kernel_id) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not _pods(kernel_id)
+    assert not _pods(kernel_id) and not network_policies(kernel_id)
     assert not (Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id).exists(), real.stdout
 
 
@@ -238,3 +155,23 @@ async def test_start_stop_cycles_leave_nothing(k8s_cluster: str) -> None:
 
     await cycles_leave_nothing("sandbox-k8s", int(os.environ.get("SANDBOX_KERNELS_SOAK_K8S_CYCLES", 5)), 120)
     assert not _pods()
+
+
+def test_exec_status_is_parsed_bounded() -> None:
+    """The exec status comes from the pod's side of the stream: an exit code is a short
+    number or a SandboxError, never an unbounded int() (issue 10, finding 7)."""
+    from sandbox_kernels.errors import SandboxError
+    from sandbox_kernels.k8s.exec_stream import exit_code
+
+    def status(code: str) -> bytes:
+        return json.dumps({"status": "Failure", "message": "command terminated with non-zero exit code",
+                           "details": {"causes": [{"reason": "ExitCode", "message": code}]}}).encode()
+
+    assert exit_code(b"", "x") == -1
+    assert exit_code(b'{"metadata": {}, "status": "Success"}', "x") == 0
+    assert exit_code(status("3"), "x") == 3
+    for bad in ("9" * 5000, "-1", "3\n", "\u0663", ""):
+        with pytest.raises(SandboxError, match="exit code|exec failed"):
+            exit_code(status(bad), "x")
+    with pytest.raises(SandboxError, match="unreadable"):
+        exit_code(b"[1, 2]", "x")

@@ -12,7 +12,8 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
+from urllib.parse import quote
 
 from ..errors import (
     SandboxConfigError,
@@ -22,16 +23,10 @@ from ..errors import (
     SandboxTimeout,
 )
 from ..runtimes.registry import require
+from . import exec_stream
+from .exec_stream import MAX_OUTPUT, ExecResult
 
-_EXEC_READ_STEP = 0.5
-
-
-class ExecResult(NamedTuple):
-    """What :meth:`KubeAPI.exec` returns; unpacks as ``exit_code, stdout, stderr``."""
-
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
+__all__ = ["ClusterInfo", "ExecResult", "KubeAPI"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +68,7 @@ class KubeAPI:
         self._configuration = self._client.configuration
         self.core = self._k8s.client.CoreV1Api(self._client)
         self.version_api = self._k8s.client.VersionApi(self._client)
+        self.networking = self._k8s.client.NetworkingV1Api(self._client)
 
     def _load(self, kubeconfig: str, context: str) -> Any:
         config = self._k8s.config
@@ -182,58 +178,97 @@ class KubeAPI:
         events = sorted(result.items, key=lambda e: _event_time(e))
         return [f"{e.reason}: {e.message}" for e in events if e.reason or e.message]
 
-    # -- websockets: exec and port-forward --------------------------------------------------
-    #
-    # ``kubernetes.stream`` swaps the ``call_api`` method of the client it is given for the
-    # duration of the call, so a shared client would send concurrent plain requests over a
-    # websocket. Every stream therefore gets a client of its own (same configuration).
+    # -- network policies ----------------------------------------------------------------------
 
-    def _stream_core(self) -> Any:
-        return self._k8s.client.CoreV1Api(self._k8s.client.ApiClient(self._configuration))
+    def create_network_policy(self, manifest: dict[str, Any]) -> None:
+        """Create the NetworkPolicy described by ``manifest`` in the namespace.
+
+        Raises:
+            SandboxConfigError: the API server rejected it (403: the server's account may
+                not create network policies; grant it, or set allow_network).
+            SandboxError, SandboxConnectionError: as for any request.
+        """
+        self._call(f"creating network policy {manifest['metadata']['name']}",
+                   self.networking.create_namespaced_network_policy, self.namespace, manifest)
+
+    def read_network_policy(self, name: str) -> Any | None:
+        """The NetworkPolicy (a ``V1NetworkPolicy``), or None if it does not exist."""
+        try:
+            return self._call(f"reading network policy {name}",
+                              self.networking.read_namespaced_network_policy, name, self.namespace)
+        except SandboxNotFound:
+            return None
+
+    def delete_network_policy(self, name: str) -> None:
+        """Delete a NetworkPolicy (a missing one is fine).
+
+        Raises:
+            SandboxError, SandboxConnectionError: as for any request.
+        """
+        try:
+            self._call(f"deleting network policy {name}",
+                       self.networking.delete_namespaced_network_policy, name, self.namespace)
+        except SandboxNotFound:
+            pass
+
+    def list_network_policies(self, label_selector: str) -> list[Any]:
+        """NetworkPolicies in the namespace matching ``label_selector``."""
+        result = self._call("listing network policies", self.networking.list_namespaced_network_policy,
+                            self.namespace, label_selector=label_selector)
+        return list(result.items)
+
+    # -- websockets: exec and port-forward --------------------------------------------------
 
     def exec(self, pod: str, argv: Sequence[str], stdin: bytes | None = None,
-             timeout: float = 30.0, container: str = "kernel") -> ExecResult:
+             timeout: float = 30.0, container: str = "kernel", limit: int = MAX_OUTPUT) -> ExecResult:
         """Run ``argv`` in the pod's container (no shell, no TTY) and collect its output.
 
         The API server of older clusters cannot pass an end-of-file on stdin, so commands
-        that read ``stdin`` must know its length (``head -c N``).
+        that read ``stdin`` must know its length (``head -c N``). The output is bounded (see
+        :mod:`.exec_stream`).
 
         Raises:
             SandboxTimeout: the command did not end within ``timeout``.
             SandboxNotFound: the pod is gone.
-            SandboxConnectionError, SandboxError: the exec failed.
+            SandboxError: the output passed ``limit`` bytes, or the exec failed.
+            SandboxConnectionError: the stream broke.
         """
-        from kubernetes.stream import stream
-
         what = f"running {argv[0]!r} in pod {pod}"
-        core = self._stream_core()
-        client = self._call(what, stream, core.connect_get_namespaced_pod_exec, pod,
-                            self.namespace, command=list(argv), container=container,
-                            stdin=stdin is not None, stdout=True, stderr=True, tty=False,
-                            _preload_content=False, binary=True, _request_timeout=timeout)
-        out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
+        query: list[tuple[str, Any]] = [("command", list(argv)), ("container", container),
+                                        ("stdin", str(stdin is not None).lower()), ("stdout", "true"),
+                                        ("stderr", "true"), ("tty", "false")]
+        ws = self._open_stream(what, f"pods/{quote(pod)}/exec", query, exec_stream.PROTOCOL)
         try:
-            if stdin:
-                client.write_stdin(stdin)
-            while client.is_open():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SandboxTimeout(f"{what}: no result within {timeout:g} s")
-                client.update(timeout=min(remaining, _EXEC_READ_STEP))
-                out += client.read_stdout(timeout=0) or b""
-                err += client.read_stderr(timeout=0) or b""
-            out += client.read_stdout(timeout=0) or b""
-            err += client.read_stderr(timeout=0) or b""
-            code = _exit_code(client)
+            return exec_stream.collect(ws, stdin, timeout, what, limit)
         except SandboxError:
             raise
         except Exception as e:  # websocket errors have no common base worth naming
             raise SandboxConnectionError(f"{what}: {e}") from e
         finally:
-            client.close()
-            core.api_client.close()
-        return ExecResult(code, bytes(out), bytes(err))
+            ws.close(timeout=1)
+
+    def _open_stream(self, what: str, subresource: str, query: list[tuple[str, Any]],
+                     protocol: str | None = None) -> Any:
+        """Open a websocket to a pod subresource (exec, portforward) in the namespace.
+
+        Raises:
+            SandboxNotFound: the pod is gone.
+            SandboxConfigError: the API server refused the request.
+            SandboxConnectionError: the stream could not be opened.
+        """
+        from kubernetes.stream.ws_client import create_websocket, get_websocket_url
+
+        path = f"/api/v1/namespaces/{quote(self.namespace)}/{subresource}"
+        url = get_websocket_url(self._configuration.host + path, query)
+        headers = {auth["key"].lower(): auth["value"]
+                   for auth in self._configuration.auth_settings().values()
+                   if auth.get("in") == "header" and auth.get("value")}
+        if protocol:
+            headers["sec-websocket-protocol"] = protocol
+        try:
+            return create_websocket(self._configuration, url, headers)
+        except Exception as e:  # websocket-client's errors share no useful base
+            raise _api_error(what, self._k8s.client.ApiException(status=0, reason=str(e))) from e
 
     def open_port_forward(self, pod: str, port: int) -> Any:
         """Open one port-forward stream to ``port`` on the pod (kubectl port-forward's path).
@@ -248,36 +283,8 @@ class KubeAPI:
             SandboxNotFound: the pod is gone.
             SandboxConnectionError: the stream could not be opened.
         """
-        from urllib.parse import quote
-
-        from kubernetes.stream.ws_client import create_websocket, get_websocket_url
-
-        what = f"forwarding to port {port} of pod {pod}"
-        path = f"/api/v1/namespaces/{quote(self.namespace)}/pods/{quote(pod)}/portforward"
-        url = get_websocket_url(self._configuration.host + path, [("ports", str(port))])
-        headers = {auth["key"].lower(): auth["value"]
-                   for auth in self._configuration.auth_settings().values()
-                   if auth.get("in") == "header" and auth.get("value")}
-        try:
-            return create_websocket(self._configuration, url, headers)
-        except Exception as e:  # websocket-client's errors share no useful base
-            raise _api_error(what, self._k8s.client.ApiException(status=0, reason=str(e))) from e
-
-
-def _exit_code(client: Any) -> int:
-    """The exec'd command's exit code from the status channel (-1 if none came)."""
-    import yaml
-
-    raw = client.read_channel(3)
-    if not raw:
-        return -1
-    status = yaml.safe_load(raw)
-    if status.get("status") == "Success":
-        return 0
-    for cause in (status.get("details") or {}).get("causes") or []:
-        if cause.get("reason") == "ExitCode":
-            return int(cause["message"])
-    raise SandboxError(f"exec failed: {status.get('message', status)}")
+        return self._open_stream(f"forwarding to port {port} of pod {pod}",
+                                 f"pods/{quote(pod)}/portforward", [("ports", str(port))])
 
 
 def _event_time(event: Any) -> float:

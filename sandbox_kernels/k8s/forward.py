@@ -1,6 +1,7 @@
-"""Local TCP listeners carried to a pod's ports over the API server's port-forward.
+"""Local listeners carried to a pod's ports over the API server's port-forward.
 
-Each forward is a socket listening on 127.0.0.1. Every connection accepted there opens its
+Each forward is a socket listening on 127.0.0.1, or a unix socket handed over by the caller
+(see :mod:`sandbox_kernels.client_sockets`). Every connection accepted there opens its
 own port-forward websocket to the pod's port (the API the ``kubectl port-forward`` command
 uses) and a thread moves bytes both ways, speaking the stream's channel protocol itself:
 channel 0 carries data, channel 1 errors, and the first frame on each names the port. When a
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import SandboxConnectionError, SandboxError
-from ..ssh.tunnel import listen_local
+from ..client_sockets import listen_local
 
 _READ_SIZE = 1 << 16
 _HIGH_WATER = 1 << 22
@@ -38,7 +39,7 @@ StreamOpener = Callable[[int], Any]
 
 
 class PortForwarder:
-    """Listeners on 127.0.0.1 whose connections go to ports of one pod.
+    """Local listeners whose connections go to ports of one pod.
 
     The API blocks and is thread-safe; :meth:`close` stops every thread it started.
 
@@ -66,9 +67,15 @@ class PortForwarder:
         with self._lock:
             return {port: target for port, (_, target) in self._listeners.items()}
 
-    def forward(self, local_port: int, pod_port: int) -> int:
+    def forward(self, local_port: int, pod_port: int, sock: socket.socket | None = None) -> int:
         """Listen on 127.0.0.1:``local_port`` (0: any free port) and carry connections to
         ``pod_port``; if ``local_port`` is already forwarded, point it at ``pod_port``.
+
+        Args:
+            local_port: the local port, or the number naming a unix socket's forward.
+            pod_port: the port in the pod.
+            sock: a listening socket to take over (a unix socket, or 127.0.0.1:``local_port``);
+                None binds 127.0.0.1:``local_port`` now. Closed here if not used.
 
         Returns:
             The local port.
@@ -78,20 +85,26 @@ class PortForwarder:
         """
         with self._lock:
             if self._closed.is_set():
+                if sock is not None:
+                    sock.close()
                 raise SandboxConnectionError(f"the port forwards to {self._name} are closed")
             if local_port in self._listeners:
-                sock, _ = self._listeners[local_port]
-                self._listeners[local_port] = (sock, pod_port)
+                if sock is not None and sock is not self._listeners[local_port][0]:
+                    sock.close()
+                listening, _ = self._listeners[local_port]
+                self._listeners[local_port] = (listening, pod_port)
                 return local_port
-            sock = listen_local(local_port)
-            port = sock.getsockname()[1]
+            if sock is None:
+                sock = listen_local(local_port)
+            sock.setblocking(False)
+            port = local_port if sock.family == socket.AF_UNIX else int(sock.getsockname()[1])
             self._listeners[port] = (sock, pod_port)
             self._selector.register(sock, selectors.EVENT_READ, port)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                                 name=f"sandbox-k8s-forward-{self._name}")
                 self._thread.start()
-        self._log.info("forwarding 127.0.0.1:%d to port %d of pod %s", port, pod_port, self._name)
+        self._log.info("forwarding local %s to port %d of pod %s", sock.getsockname(), pod_port, self._name)
         return port
 
     def drop_connections(self) -> None:

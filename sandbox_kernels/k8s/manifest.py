@@ -55,6 +55,7 @@ def pod_manifest(
     service_account: str,
     automount_token: bool,
     seccomp: bool,
+    ephemeral_storage: str = "",
 ) -> dict[str, Any]:
     """The pod for one kernel.
 
@@ -70,6 +71,9 @@ def pod_manifest(
         service_account: the service account name ('' for the namespace's default).
         automount_token: whether its token is mounted.
         seccomp: whether to ask for the runtime's default seccomp profile (1.19+).
+        ephemeral_storage: the container's ``ephemeral-storage`` limit (its writable layer
+            and logs; past it the kubelet evicts the pod) unless ``resources`` sets one;
+            '' for none.
 
     Returns:
         A dict ready for ``create_namespaced_pod``.
@@ -98,7 +102,7 @@ def pod_manifest(
             "imagePullPolicy": image_pull_policy,
             "command": [python, "-c", INIT_SCRIPT],
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
-            "resources": {k: dict(v) for k, v in resources.items() if v},
+            "resources": _resources(resources, ephemeral_storage),
             "securityContext": container_security,
         }],
     }
@@ -113,4 +117,40 @@ def pod_manifest(
         "kind": "Pod",
         "metadata": {"name": name, "labels": dict(labels)},
         "spec": spec,
+    }
+
+
+def _resources(resources: dict[str, dict[str, str]], ephemeral_storage: str) -> dict[str, Any]:
+    result = {k: dict(v) for k, v in resources.items() if v}
+    if ephemeral_storage:
+        result.setdefault("limits", {}).setdefault("ephemeral-storage", ephemeral_storage)
+    return result
+
+
+def network_policy_manifest(*, name: str, labels: dict[str, str], kernel_label: str) -> dict[str, Any]:
+    """A NetworkPolicy that denies the kernel's pod all traffic, in and out.
+
+    It selects the pod by its kernel-id label and lists both policy types with no rule, which
+    Kubernetes reads as "nothing allowed". The API server's port-forward reaches the pod's
+    127.0.0.1 through the kubelet, inside the pod's network namespace, so it is not affected.
+    Enforced only where the cluster's network plugin enforces NetworkPolicies.
+
+    Args:
+        name: the policy's name (the pod's).
+        labels: its labels (the pod's, so ``reap`` and leak checks find it).
+        kernel_label: the ``<prefix>/kernel-id`` label key; its value in ``labels`` selects.
+
+    Returns:
+        A dict ready for ``create_namespaced_network_policy``.
+    """
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {
+            "podSelector": {"matchLabels": {kernel_label: labels[kernel_label]}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [],
+        },
     }

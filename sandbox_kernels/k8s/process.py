@@ -10,6 +10,7 @@ All functions block; call them through ``to_thread``.
 
 from __future__ import annotations
 
+import re
 import signal as signal_module
 from collections.abc import Mapping, Sequence
 
@@ -17,6 +18,12 @@ from ..errors import SandboxConfigError, SandboxError, SandboxStartError
 from ..ssh import remote
 from ..ssh.remote import ProcessStatus
 from .api import ExecResult, KubeAPI
+from .exec_stream import MAX_OUTPUT
+
+#: The most read back from commands whose answer is a word or a log tail.
+_SMALL_OUTPUT = 64 << 10
+_NUMBER = re.compile(r"[0-9]{1,9}")
+_TAIL_SCRIPT = 'tail -n "$1" -- "$2" | tail -c "$3"'
 
 # $1 target path, $2 octal mode, $3 byte count; the bytes on stdin (an exec stream may not
 # carry an end-of-file, so exactly $3 bytes are read). Written 0600, then renamed.
@@ -42,10 +49,15 @@ class PodProcess:
         self.api = api
         self.pod = pod
 
-    def run(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float = 30.0) -> ExecResult:
-        """Run ``argv`` in the pod (see :meth:`KubeAPI.exec`)."""
+    def run(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float = 30.0,
+            limit: int = MAX_OUTPUT) -> ExecResult:
+        """Run ``argv`` in the pod (see :meth:`KubeAPI.exec`); at most ``limit`` bytes of output.
+
+        Raises:
+            SandboxError: more output than ``limit``, or the exec failed.
+        """
         remote.quote_argv(argv)  # the same checks as over SSH: a non-empty list of strings
-        return self.api.exec(self.pod, argv, stdin, timeout)
+        return self.api.exec(self.pod, argv, stdin, timeout, limit=limit)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600, timeout: float = 30.0) -> None:
         """Write ``data`` to ``path`` in the pod atomically with ``mode``.
@@ -74,12 +86,12 @@ class PodProcess:
         words = remote._env_words(env)
         launch = ["sh", "-c", remote._LAUNCH_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path,
                   remote._WRAPPER_SCRIPT, str(len(words)), *words, *argv]
-        result = self.run(launch, timeout=timeout)
+        result = self.run(launch, timeout=timeout, limit=_SMALL_OUTPUT)
         text = result.stdout.decode(errors="replace").strip()
-        if result.exit_code != 0 or not text.isdigit():
+        if result.exit_code != 0 or not _NUMBER.fullmatch(text):
             raise SandboxStartError(
                 f"could not start {argv[0]!r} in pod {self.pod} (exit {result.exit_code}): "
-                f"{_tail(result.stderr) or text or 'no output'}")
+                f"{_tail(result.stderr) or _tail(result.stdout) or 'no output'}")
         return int(text)
 
     def status(self, pid: int, log_path: str, timeout: float = 30.0) -> ProcessStatus:
@@ -90,13 +102,13 @@ class PodProcess:
         """
         _check_pid(pid)
         script = ["sh", "-c", remote._STATUS_SCRIPT, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
-        result = self.run(script, timeout=timeout)
+        result = self.run(script, timeout=timeout, limit=_SMALL_OUTPUT)
         words = result.stdout.decode(errors="replace").split()
         if result.exit_code != 0 or not words:
             raise SandboxError(f"checking process {pid} in pod {self.pod} failed: {_tail(result.stderr)}")
         if words[0] == "running" or (words[0] == "exited" and len(words) != 2):
             return ProcessStatus("running")
-        if words[0] == "exited" and words[1].isdigit():
+        if words[0] == "exited" and _NUMBER.fullmatch(words[1]):
             return ProcessStatus("exited", int(words[1]))
         return ProcessStatus("gone")
 
@@ -116,7 +128,7 @@ class PodProcess:
         except ValueError as e:
             raise SandboxConfigError(f"{signum!r} is not a signal number") from e
         script = ["sh", "-c", remote._SIGNAL_SCRIPT, "sandbox-kernels-signal", name, str(pid)]
-        result = self.run(script, timeout=timeout)
+        result = self.run(script, timeout=timeout, limit=_SMALL_OUTPUT)
         if result.exit_code == 0:
             return True
         if result.exit_code == 3:
@@ -125,9 +137,11 @@ class PodProcess:
                            f"{_tail(result.stderr)}")
 
     def tail(self, path: str, lines: int = 30, timeout: float = 15.0) -> str:
-        """The last ``lines`` lines of a file in the pod ('' if it cannot be read)."""
+        """The last ``lines`` lines of a file in the pod, at most 64 KiB of them ('' if it
+        cannot be read)."""
         try:
-            result = self.run(["tail", "-n", str(lines), path], timeout=timeout)
+            result = self.run(["sh", "-c", _TAIL_SCRIPT, "sandbox-kernels-tail", str(lines), path,
+                               str(_SMALL_OUTPUT)], timeout=timeout, limit=_SMALL_OUTPUT * 2)
         except SandboxError as e:
             return f"(unavailable: {e})"
         return result.stdout.decode(errors="replace")

@@ -2,13 +2,15 @@
 
 The pod runs a tiny init as the image's unprivileged user, locked down (non-root, no
 capabilities, no privilege escalation, the runtime's default seccomp profile, no service
-account token unless asked). The kernel is started in it by exec, binds its ZMQ ports on the
+account token unless asked, a deny-all NetworkPolicy unless ``allow_network``, a bounded
+``ephemeral-storage``). The kernel is started in it by exec, binds its ZMQ ports on the
 pod's 127.0.0.1 (ports of its own choosing, read back from its connection file), and is
 reached through the API server's pod port-forward (the path of ``kubectl port-forward``):
-local listeners on 127.0.0.1 keep the connection info's ports for the kernel's lifetime, and
-every connection made to them opens its own stream, so a dropped stream is re-established by
-the next connection. Interrupts are signals sent by exec; a restart replaces the kernel
-process and keeps the pod; shutdown deletes the pod with a grace period of 0.
+local listeners (unix sockets in the kernel's state directory, or 127.0.0.1 ports) keep the
+connection info's endpoints for the kernel's lifetime, and every connection made to them
+opens its own stream, so a dropped stream is re-established by the next connection. Exec
+output is bounded (:mod:`..k8s.exec_stream`). Interrupts are signals sent by exec; a restart
+replaces the kernel process and keeps the pod; shutdown deletes the pod with a grace period of 0.
 
 Every Kubernetes call blocks, so each runs off the event loop (``to_thread``).
 """
@@ -24,6 +26,7 @@ from typing import Any
 from traitlets import Bool, Dict, Enum, Float, List, Unicode, validate
 
 from ..aio import to_thread
+from ..client_sockets import ClientSockets, transport_trait
 from ..errors import (
     SandboxConfigError,
     SandboxConnectionError,
@@ -34,7 +37,8 @@ from ..errors import (
 )
 from ..k8s.api import KubeAPI
 from ..k8s.forward import PortForwarder
-from ..k8s.manifest import k8s_labels, pod_manifest
+from ..k8s.manifest import k8s_labels, network_policy_manifest, pod_manifest
+from ..k8s.pod_status import container_running, start_problem, unschedulable
 from ..k8s.process import PodProcess
 from ..labels import PREFIX
 from ..provisioning.base import SandboxProvisioner
@@ -49,11 +53,8 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_MAX_CONNECTION_FILE = 64 << 10  # read from the pod: more is not a connection file
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
-# Container waiting reasons that never resolve by themselves: fail the launch at once.
-_FATAL_WAITING = {"ErrImageNeverPull", "InvalidImageName", "ErrImagePull", "ImagePullBackOff",
-                  "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
-                  "RunContainerError", "ImageInspectError"}
 
 
 class KubernetesProvisioner(SandboxProvisioner):
@@ -97,6 +98,20 @@ class KubernetesProvisioner(SandboxProvisioner):
                              help="Seconds a pod may stay unschedulable before the launch fails with "
                              "the scheduler's reason (raise it where a cluster autoscaler adds nodes).")
     request_timeout = Float(30.0, config=True, help="Seconds for each Kubernetes API request.")
+    allow_network = Bool(False, config=True,
+                         help="Let the pod send and receive network traffic. Off: a deny-all "
+                         "NetworkPolicy (ingress and egress) is created with the pod (enforced "
+                         "where the cluster's network plugin enforces NetworkPolicies). "
+                         "Env: SANDBOX_K8S_ALLOW_NETWORK.").tag(widen="true")
+    _allow_network_default = env_default("allow_network", "SANDBOX_K8S_ALLOW_NETWORK")
+    ephemeral_storage = Unicode("2Gi", config=True,
+                                help="The kernel container's ephemeral-storage limit (files it "
+                                "writes, its logs; past it the kubelet evicts the pod), unless "
+                                "resources.limits sets one; '' for none. "
+                                "Env: SANDBOX_K8S_EPHEMERAL_STORAGE.")
+    _ephemeral_storage_default = env_default("ephemeral_storage", "SANDBOX_K8S_EPHEMERAL_STORAGE")
+    transport = transport_trait()
+    _transport_default = env_default("transport", "SANDBOX_KERNELS_TRANSPORT")
 
     @validate("namespace")
     def _check_namespace(self, proposal: dict[str, Any]) -> str:
@@ -109,6 +124,7 @@ class KubernetesProvisioner(SandboxProvisioner):
         super().__init__(**kwargs)
         self._api: KubeAPI | None = None
         self._forwarder: PortForwarder | None = None
+        self._sockets: ClientSockets | None = None
         self.pid: int | None = None
         self._remote_ports: dict[str, int] = {}
 
@@ -124,6 +140,9 @@ class KubernetesProvisioner(SandboxProvisioner):
         if self.service_account and not _DNS_SUBDOMAIN.match(self.service_account):
             raise SandboxConfigError(f"service_account={self.service_account!r} is not a valid name.")
         _check_resources(self.resources)
+        if self.ephemeral_storage and not _QUANTITY.match(self.ephemeral_storage):
+            raise SandboxConfigError(f"ephemeral_storage={self.ephemeral_storage!r} is not a Kubernetes "
+                                     "quantity (e.g. '2Gi'); '' for no limit.")
         for key, value in self.node_selector.items():
             if not (isinstance(key, str) and _LABEL_KEY.match(key)
                     and isinstance(value, str) and _LABEL_VALUE.match(value)):
@@ -159,13 +178,25 @@ class KubernetesProvisioner(SandboxProvisioner):
         kwargs["cmd"][0] = self.python
         return kwargs
 
+    def configure_transport(self, km: Any) -> None:
+        """Unix sockets in the state directory (or TCP on 127.0.0.1, see ``transport``), bound
+        now and kept for the kernel's lifetime (see :mod:`..client_sockets`)."""
+        if self._sockets is None:
+            self._sockets = ClientSockets(self.transport, self.state_dir)
+        self._sockets.assign(km, self._local_ports)
+
     async def create_sandbox(self) -> None:
-        """Create the pod and wait until its container runs (or fail with the pod's reason)."""
+        """Create the pod (after its deny-all NetworkPolicy unless ``allow_network``) and wait
+        until its container runs (or fail with the pod's reason)."""
         api = await self._ensure_api()
         cluster = await to_thread(api.cluster_info)
+        labels = k8s_labels(self.labels)
+        if not self.allow_network:
+            policy = network_policy_manifest(name=self.pod_name, labels=labels, kernel_label=LABEL_SELECTOR_KEY)
+            await to_thread(api.create_network_policy, policy)
         manifest = pod_manifest(
             name=self.pod_name,
-            labels=k8s_labels(self.labels),
+            labels=labels,
             image=self.image,
             image_pull_policy=self.image_pull_policy,
             python=self.python,
@@ -175,6 +206,7 @@ class KubernetesProvisioner(SandboxProvisioner):
             service_account=self.service_account,
             automount_token=self.automount_service_account_token,
             seccomp=cluster.seccomp_field,
+            ephemeral_storage=self.ephemeral_storage,
         )
         self.log.info("Creating pod %s/%s (image %s)", self.namespace, self.pod_name, self.image)
         await to_thread(api.create_pod, manifest)
@@ -193,13 +225,13 @@ class KubernetesProvisioner(SandboxProvisioner):
             pod = await to_thread(api.read_pod, self.pod_name)
             if pod is None:
                 raise SandboxStartError(f"pod {self.pod_name} disappeared while starting.")
-            problem = _start_problem(pod)
+            problem = start_problem(pod)
             if problem:
                 raise SandboxStartError(f"pod {self.pod_name} cannot start: {problem}"
                                         f"{await self._events_text()}")
-            if _container_running(pod):
+            if container_running(pod):
                 return
-            reason = _unschedulable(pod)
+            reason = unschedulable(pod)
             if reason:
                 unschedulable_since = unschedulable_since or time.monotonic()
                 if time.monotonic() - unschedulable_since >= self.schedule_timeout:
@@ -233,7 +265,8 @@ class KubernetesProvisioner(SandboxProvisioner):
         assert self.pid is not None
         deadline = time.monotonic() + self.launch_timeout
         while time.monotonic() < deadline:
-            result = await to_thread(process.run, ["cat", self.sandbox_connection_file()])
+            result = await to_thread(process.run, ["head", "-c", str(_MAX_CONNECTION_FILE),
+                                                   self.sandbox_connection_file()])
             ports = _ports(result.stdout)
             if ports:
                 self._point_forwards(ports)
@@ -249,8 +282,12 @@ class KubernetesProvisioner(SandboxProvisioner):
     def _point_forwards(self, ports: dict[str, int]) -> None:
         if self._forwarder is None:
             self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+        if self._sockets is None:  # re-attached from saved state
+            self._sockets = ClientSockets(self.transport, self.state_dir)
         for ch in CHANNELS:
-            self._forwarder.forward(int(self.connection_info[f"{ch}_port"]), ports[ch])
+            local = int(self.connection_info[f"{ch}_port"])
+            sock = None if local in self._forwarder.forwards else self._sockets.claim(local)
+            self._forwarder.forward(local, ports[ch], sock)
         if self._remote_ports and self._remote_ports != ports:
             self._forwarder.drop_connections()  # still carried to the previous kernel
         self._remote_ports = ports
@@ -267,7 +304,7 @@ class KubernetesProvisioner(SandboxProvisioner):
             return None
         if pod is None or pod.metadata.deletion_timestamp is not None:
             return -1
-        if pod.status.phase in ("Failed", "Succeeded") or not _container_running(pod):
+        if pod.status.phase in ("Failed", "Succeeded") or not container_running(pod):
             return -1
         if self._forwarder is None and self._remote_ports:  # re-attached from saved state
             self._point_forwards(self._remote_ports)
@@ -310,6 +347,9 @@ class KubernetesProvisioner(SandboxProvisioner):
         if self._forwarder is not None:
             await to_thread(self._forwarder.close)
             self._forwarder = None
+        if self._sockets is not None:
+            self._sockets.release()
+            self._sockets = None
         self.pid = None
         try:
             api = await self._ensure_api()  # a re-attached kernel may not have a client yet
@@ -326,6 +366,11 @@ class KubernetesProvisioner(SandboxProvisioner):
                 await asyncio.sleep(0.1)
         except SandboxError as e:
             self.log.warning("Kernel %s: could not delete pod %s: %s", self.kernel_id, self.pod_name, e)
+        try:
+            await to_thread(api.delete_network_policy, self.pod_name)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not delete network policy %s: %s", self.kernel_id,
+                             self.pod_name, e)
         finally:
             await to_thread(api.close)
 
@@ -360,51 +405,17 @@ class KubernetesProvisioner(SandboxProvisioner):
             self.namespace = state["namespace"]
 
 
-# -- pod status -----------------------------------------------------------------------------
-
-
-def _container_status(pod: Any) -> Any | None:
-    for status in pod.status.container_statuses or []:
-        if status.name == "kernel":
-            return status
-    return None
-
-
-def _container_running(pod: Any) -> bool:
-    status = _container_status(pod)
-    return bool(pod.status.phase == "Running" and status is not None and status.state.running)
-
-
-def _start_problem(pod: Any) -> str:
-    """Why a pod will not start by itself ('' while it may still start); the container's
-    own state says most, so it comes first."""
-    status = _container_status(pod)
-    if status is not None and status.state.waiting and status.state.waiting.reason in _FATAL_WAITING:
-        waiting = status.state.waiting
-        return f"{waiting.reason}: {waiting.message or ''}".strip()
-    if status is not None and status.state.terminated:
-        term = status.state.terminated
-        return f"the container exited ({term.reason}, code {term.exit_code}): {term.message or ''}".strip()
-    if pod.status.phase in ("Failed", "Succeeded"):
-        detail = " ".join(x for x in (pod.status.reason, pod.status.message) if x)
-        return f"phase {pod.status.phase}{': ' + detail if detail else ''}"
-    return ""
-
-
-def _unschedulable(pod: Any) -> str:
-    for condition in pod.status.conditions or []:
-        if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
-            return f"{condition.reason}: {condition.message}"
-    return ""
-
-
 def _ports(raw: bytes) -> dict[str, int] | None:
     try:
         info = json.loads(raw or b"{}")
     except ValueError:
         return None  # being rewritten by the kernel right now
-    ports = {ch: int(info.get(f"{ch}_port") or 0) for ch in CHANNELS}
-    return ports if all(ports.values()) else None
+    if not isinstance(info, dict):
+        return None
+    ports = {ch: info.get(f"{ch}_port") for ch in CHANNELS}
+    if all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports.values()):
+        return ports
+    return None
 
 
 def _check_resources(resources: dict[str, Any]) -> None:

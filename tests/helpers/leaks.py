@@ -57,15 +57,18 @@ def _state_entries() -> list[str]:
     return [str(p) for p in root.iterdir()] if root.is_dir() else []
 
 
-def _pods() -> list[str]:
+def _pods(kind: str = "pods") -> list[str]:
+    """Kernel objects of ``kind`` (pods, networkpolicies) in the test cluster, as namespace/name."""
     kubeconfig = os.environ.get("SANDBOX_KERNELS_TEST_KUBECONFIG")
     if not (kubeconfig and shutil.which("kubectl")):
         return []
     out = subprocess.run(
-        ["kubectl", "--kubeconfig", kubeconfig, "get", "pods", "-A", "-l", "sandbox-kernels/kernel-id",
-         "-o", "name"], capture_output=True, text=True, timeout=30,
+        ["kubectl", "--kubeconfig", kubeconfig, "get", kind, "-A", "-l", "sandbox-kernels/kernel-id",
+         "-o", "custom-columns=NS:.metadata.namespace,NAME:.metadata.name", "--no-headers"],
+        capture_output=True, text=True, timeout=30,
     )
-    return out.stdout.split() if out.returncode == 0 else []
+    rows = [line.split() for line in out.stdout.splitlines()] if out.returncode == 0 else []
+    return [f"{row[0]}/{row[1]}" for row in rows if len(row) == 2]
 
 
 def _passt() -> list[str]:
@@ -94,6 +97,7 @@ def find_leaks() -> dict[str, list[str]]:
         "state": _state_entries(),
         "passt": _passt(),
         "pods": _pods(),
+        "network policies": _pods("networkpolicies"),
     }
 
 
@@ -114,3 +118,9 @@ def remove_leaks(leaks: dict[str, list[str]]) -> None:
 
         pid, kernel_id = entry.split(" ", 1)
         stop_process(int(pid), kernel_id)
+    for kind, key in (("pods", "pods"), ("networkpolicies", "network policies")):
+        for item in leaks.get(key, []):
+            namespace, _, name = item.partition("/")
+            subprocess.run(["kubectl", "--kubeconfig", os.environ.get("SANDBOX_KERNELS_TEST_KUBECONFIG", ""),
+                            "-n", namespace, "delete", kind, name, "--wait=false"],
+                           capture_output=True, timeout=60)
