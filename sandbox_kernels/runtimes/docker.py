@@ -36,6 +36,9 @@ _KEEP_LABEL = "sandbox-kernels.keep"
 _CREATED_LABEL = "sandbox-kernels.created"
 _BASE_SIZE_LABEL = "sandbox-kernels.base-size"  # bytes of the image committed from
 _SANDBOX_UID = 1000  # the image's `executor` user
+#: What the engine keeps of the kernel's raw stdout/stderr on the host's disk: the kernel writes
+#: as much as it likes; the host keeps two 10 MB files (the diagnostics read their tail).
+_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}}
 
 
 class DockerProvisioner(SandboxProvisioner):
@@ -169,6 +172,7 @@ class DockerProvisioner(SandboxProvisioner):
             read_only=self.read_only,
             volumes=self._dirs.volumes(),
             network_mode=self.network,
+            log_config=_LOG_CONFIG,
         )
         if self.cpus:
             spec["nano_cpus"] = int(self.cpus * 1e9)

@@ -26,6 +26,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from lifecycle import run_cell, start, wait_until
 
 MiB = 1 << 20
+#: What the host may keep on disk of one kernel's raw output (a log file and its rotation).
+HOST_OUTPUT_CAP = 64 * MiB
 
 
 @dataclass
@@ -48,6 +50,9 @@ class HostileRuntime:
     flood_bytes: int = 512 * MiB
     #: Owner the canary file gets (the account a host-side write could act as).
     canary_owner: tuple[int, int] = (0, 0)
+    #: Bytes of the kernel's output the host keeps on its own disk (a container's log file, a
+    #: VM's console log), for runtimes that keep any; bounded after the flood.
+    host_output_bytes: Callable[[str], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -385,6 +390,9 @@ class HostileSuite:
                                              output_hook=count, timeout=hostile.exec_timeout * 10)
         assert reply["content"]["status"] == "ok", reply["content"]
         assert received >= 64 * MiB, "the flood through Jupyter's stdout did not arrive"
+        if hostile.host_output_bytes is not None:
+            kept = hostile.host_output_bytes(km.kernel_id)
+            assert kept <= HOST_OUTPUT_CAP, f"the host kept {kept >> 20} MiB of the kernel's output"
         await self._alive_and_working(km, kc, hostile)
         text = await km.provisioner.diagnostics()
         assert len(text) <= 256 * 1024, "diagnostics read the flooded log unbounded"
