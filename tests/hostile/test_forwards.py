@@ -17,6 +17,7 @@ import os
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -152,3 +153,37 @@ async def test_restart_keeps_the_sockets_private_and_reachable(kernel: Any, tran
     await km.shutdown_kernel(now=True)
     assert [p for p in paths if os.path.lexists(p)] == []
     assert not Path(info["ip"]).parent.exists()
+
+
+@pytest.mark.parametrize("transport", ["ipc"], indirect=True)
+async def test_jupyter_server_reaches_an_ipc_kernel(ssh_host: dict[str, str], transport: str,
+                                                    jp_fetch: Any, jp_ws_fetch: Any, jp_serverapp: Any) -> None:
+    """What JupyterLab does: start the kernel through the REST API and run code over the
+    server's websocket, which talks to the kernel through the ipc sockets."""
+    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "sandbox-ssh"}),
+                       request_timeout=300)
+    kernel_id = json.loads(r.body)["id"]
+    try:
+        assert jp_serverapp.kernel_manager.get_kernel(kernel_id).transport == "ipc"
+        ws = await jp_ws_fetch("api", "kernels", kernel_id, "channels")
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "", "session": "s",
+                       "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": f"print({SECRET!r})", "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        }))
+        text = ""
+        for _ in range(200):
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), timeout=120))
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                text += msg["content"]["text"]
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        ws.close()
+        assert text == f"{SECRET}\n"
+    finally:
+        await jp_fetch("api", "kernels", kernel_id, method="DELETE", request_timeout=120)
