@@ -175,3 +175,16 @@ def test_exec_status_is_parsed_bounded() -> None:
             exit_code(status(bad), "x")
     with pytest.raises(SandboxError, match="unreadable"):
         exit_code(b"[1, 2]", "x")
+
+
+def test_setting_checks_match_whole_values() -> None:
+    """A trailing newline (which ``re.match(...$)`` accepts) or an endless number is refused."""
+    from sandbox_kernels.errors import SandboxConfigError
+    from sandbox_kernels.k8s import checks
+
+    assert checks.DNS_LABEL.fullmatch("default") and not checks.DNS_LABEL.fullmatch("default\n")
+    for resources in ({"limits": {"memory": "1Gi\n"}}, {"limits": {"cpu": "9" * 5000}}):
+        with pytest.raises(SandboxConfigError, match="quantity"):
+            checks.check_resources(resources)
+    with pytest.raises(SandboxConfigError, match="node_selector"):
+        checks.check_node_selector({"zone": "a\n"})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ from ..errors import (
     SandboxStartError,
     SandboxTimeout,
 )
+from ..k8s import checks
 from ..k8s.api import KubeAPI
 from ..k8s.forward import PortForwarder
 from ..k8s.manifest import k8s_labels, network_policy_manifest, pod_manifest
@@ -48,13 +48,7 @@ DEFAULT_IMAGE = "sandbox-kernels/python:latest"
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 KERNEL_DIR = "/tmp/sandbox-kernel"
 LABEL_SELECTOR_KEY = f"{PREFIX}/kernel-id"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _MAX_CONNECTION_FILE = 64 << 10  # read from the pod: more is not a connection file
-_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
 class KubernetesProvisioner(SandboxProvisioner):
@@ -115,7 +109,7 @@ class KubernetesProvisioner(SandboxProvisioner):
 
     @validate("namespace")
     def _check_namespace(self, proposal: dict[str, Any]) -> str:
-        if not _DNS_LABEL.match(proposal["value"]):
+        if not checks.DNS_LABEL.fullmatch(proposal["value"]):
             raise SandboxConfigError(f"namespace={proposal['value']!r} is not a namespace name "
                                      "(lowercase letters, digits and '-').")
         return str(proposal["value"])
@@ -137,21 +131,15 @@ class KubernetesProvisioner(SandboxProvisioner):
             raise SandboxConfigError(f"image={self.image!r} is not an image reference.")
         if not self.python or any(c.isspace() for c in self.python):
             raise SandboxConfigError(f"python={self.python!r} must be one program path.")
-        if self.service_account and not _DNS_SUBDOMAIN.match(self.service_account):
+        if self.service_account and not checks.DNS_SUBDOMAIN.fullmatch(self.service_account):
             raise SandboxConfigError(f"service_account={self.service_account!r} is not a valid name.")
-        _check_resources(self.resources)
-        if self.ephemeral_storage and not _QUANTITY.match(self.ephemeral_storage):
+        checks.check_resources(self.resources)
+        if self.ephemeral_storage and not checks.QUANTITY.fullmatch(self.ephemeral_storage):
             raise SandboxConfigError(f"ephemeral_storage={self.ephemeral_storage!r} is not a Kubernetes "
                                      "quantity (e.g. '2Gi'); '' for no limit.")
-        for key, value in self.node_selector.items():
-            if not (isinstance(key, str) and _LABEL_KEY.match(key)
-                    and isinstance(value, str) and _LABEL_VALUE.match(value)):
-                raise SandboxConfigError(f"node_selector entry {key!r}: {value!r} is not a label.")
-        for toleration in self.tolerations:
-            unknown = set(toleration) - _TOLERATION_KEYS
-            if unknown:
-                raise SandboxConfigError(f"tolerations: unknown field(s) {sorted(unknown)} in {toleration!r}.")
-        if not _DNS_SUBDOMAIN.match(self.pod_name):
+        checks.check_node_selector(self.node_selector)
+        checks.check_tolerations(self.tolerations)
+        if not checks.DNS_SUBDOMAIN.fullmatch(self.pod_name):
             raise SandboxConfigError(f"kernel id {self.kernel_id!r} cannot name a pod "
                                      "(lowercase letters, digits and '-' only).")
 
@@ -416,19 +404,3 @@ def _ports(raw: bytes) -> dict[str, int] | None:
     if all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports.values()):
         return ports
     return None
-
-
-def _check_resources(resources: dict[str, Any]) -> None:
-    """Raises SandboxConfigError unless ``resources`` is {requests|limits: {cpu|memory: quantity}}."""
-    for kind, values in resources.items():
-        if kind not in ("requests", "limits") or not isinstance(values, dict):
-            raise SandboxConfigError(
-                f"resources: {kind!r} must be 'requests' or 'limits', each a dict of cpu/memory.")
-        for name, quantity in values.items():
-            if name not in ("cpu", "memory", "ephemeral-storage"):
-                raise SandboxConfigError(f"resources.{kind}: unknown resource {name!r} "
-                                         "(cpu, memory, ephemeral-storage).")
-            if not _QUANTITY.match(str(quantity)):
-                raise SandboxConfigError(f"resources.{kind}.{name}={quantity!r} is not a Kubernetes "
-                                         "quantity (e.g. '500m', '2Gi').")
-
