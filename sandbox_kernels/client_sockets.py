@@ -11,9 +11,10 @@ names ipc endpoints ``<ip>-<port>``: ``ip`` is a path prefix in the state direct
 jupyter_client removes those names on every restart (``cleanup_ipc_files``) while the
 provisioner keeps its listeners, so clients stay connected: each socket is bound under a
 private name first and hard-linked to the public one, which :meth:`ClientSockets.relink`
-restores. Nothing here follows a path another user could plant: the directory must be a real
-directory owned by this user with no access for others, and stale names are unlinked (never
-opened) before binding.
+restores. Nothing here follows a path another user could plant: the directory is opened
+without following a link and must be owned by this user with no access for others, every name
+is then used relative to that descriptor, and stale names are unlinked (never opened) before
+binding.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from traitlets import Enum
@@ -65,51 +67,76 @@ def listen_local(port: int) -> socket.socket:
     return sock
 
 
-def check_private_dir(directory: Path) -> None:
-    """Refuse a directory that another user could reach or replace.
+@contextlib.contextmanager
+def private_dir(directory: Path) -> Iterator[int]:
+    """A descriptor of ``directory``, opened without following a link and checked to be this
+    user's with no access for others; names inside are then used relative to it, so the
+    directory cannot be swapped between the check and the use.
 
     Raises:
-        SandboxConfigError: not a real directory (a symlink, say), not owned by this user, or
-            open to group or others.
+        SandboxConfigError: a symlink, not a directory, not owned by this user, or open to
+            group or others.
     """
+    fix = ("Remove it, or set state_root (SANDBOX_KERNELS_STATE_DIR) to a private directory.")
     try:
-        st = os.lstat(directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise SandboxConfigError(f"state directory {directory} cannot be used: {e}") from e
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise SandboxConfigError(
-            f"state directory {directory} must be a directory owned by uid {os.geteuid()} with "
-            f"mode 0700 (it is uid {st.st_uid}, mode {stat.filemode(st.st_mode)}): ipc sockets "
-            "there would be reachable by others. Remove it, or set state_root "
-            "(SANDBOX_KERNELS_STATE_DIR) to a private directory.")
+        raise SandboxConfigError(f"state directory {directory} must be a directory owned by uid "
+                                 f"{os.geteuid()} with mode 0700, not a link ({e.strerror}). {fix}") from e
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise SandboxConfigError(
+                f"state directory {directory} must be a directory owned by uid {os.geteuid()} with "
+                f"mode 0700 (it is uid {st.st_uid}, mode {stat.filemode(st.st_mode)}): ipc sockets "
+                f"there would be reachable by others. {fix}")
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def listen_unix(path: Path) -> socket.socket:
     """A non-blocking unix socket listening at ``path``, created with mode 0600.
 
-    An existing name at ``path`` is unlinked first (the caller checked that the directory is
-    private). The mode is set on the socket before ``bind`` (Linux creates the file with it),
-    so there is no moment where the file is open to others, and no process-wide umask.
+    The directory must be private (see :func:`private_dir`); an existing name at ``path`` is
+    unlinked first.
 
     Raises:
-        SandboxConfigError: the path is too long for a unix socket.
+        SandboxConfigError: the path is too long for a unix socket, or the directory is not
+            private.
         SandboxConnectionError: it cannot be bound.
     """
+    _check_length(path)
+    with private_dir(path.parent) as fd:
+        return _listen_at(fd, path.name)
+
+
+def _check_length(path: Path) -> None:
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
         raise SandboxConfigError(
             f"ipc socket path {path} is longer than {_MAX_UNIX_PATH} bytes: set state_root "
             "(SANDBOX_KERNELS_STATE_DIR) to a shorter directory, or transport='tcp'.")
+
+
+def _listen_at(dir_fd: int, name: str) -> socket.socket:
+    """Bind ``name`` in the directory ``dir_fd`` (through /proc/self/fd: bind takes no
+    directory descriptor). The mode is set on the socket before ``bind`` (Linux creates the
+    file with it), so the file is never open to others, and no process-wide umask is touched.
+
+    Raises:
+        SandboxConnectionError: it cannot be bound.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), 0o600)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock.bind(os.fspath(path))
+            os.unlink(name, dir_fd=dir_fd)
+        sock.bind(f"/proc/self/fd/{dir_fd}/{name}")
         sock.listen(128)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        raise SandboxConnectionError(f"cannot listen on unix socket {path}: {e}") from e
+        raise SandboxConnectionError(f"cannot listen on unix socket {name}: {e}") from e
     return sock
 
 
@@ -141,8 +168,12 @@ class ClientSockets:
         """Where clients connect for ``port`` (ipc)."""
         return Path(f"{self.ip}-{port}")
 
-    def _private_path(self, port: int) -> Path:
-        return self.state_dir / f"{_PRIVATE_PREFIX}{port}"
+    def _public_name(self, port: int) -> str:
+        return f"{_IPC_PREFIX}-{port}"
+
+    @staticmethod
+    def _private_name(port: int) -> str:
+        return f"{_PRIVATE_PREFIX}{port}"
 
     def assign(self, km: Any, ports: dict[str, int]) -> None:
         """Set ``km``'s transport, ip and (unless ``ports`` holds them already) ports.
@@ -167,21 +198,27 @@ class ClientSockets:
             setattr(km, f"{ch}_port", port)
 
     def _bind(self, port: int) -> socket.socket:
-        check_private_dir(self.state_dir)
-        sock = listen_unix(self._private_path(port))
-        self._link(port)
-        return sock
+        _check_length(self.public_path(port))
+        with private_dir(self.state_dir) as fd:
+            sock = _listen_at(fd, self._private_name(port))
+            try:
+                self._link(fd, port)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
 
-    def _link(self, port: int) -> None:
-        public, private = self.public_path(port), self._private_path(port)
+    def _link(self, fd: int, port: int) -> None:
+        public, private = self._public_name(port), self._private_name(port)
         with contextlib.suppress(FileNotFoundError):
-            if os.lstat(public).st_ino == os.lstat(private).st_ino:
+            if os.stat(public, dir_fd=fd, follow_symlinks=False).st_ino == \
+                    os.stat(private, dir_fd=fd, follow_symlinks=False).st_ino:
                 return
-            os.unlink(public)
+            os.unlink(public, dir_fd=fd)
         try:
-            os.link(private, public, follow_symlinks=False)
+            os.link(private, public, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
         except OSError as e:
-            raise SandboxConnectionError(f"cannot link ipc socket {public}: {e}") from e
+            raise SandboxConnectionError(f"cannot link ipc socket {self.public_path(port)}: {e}") from e
 
     def claim(self, port: int) -> socket.socket:
         """The listener for ``port``: the one bound by :meth:`assign`, or a new one (after the
@@ -197,12 +234,18 @@ class ClientSockets:
 
     def relink(self) -> None:
         """Give back the public ipc names jupyter_client removed on a restart (the listeners,
-        bound under their private names, never went away)."""
+        bound under their private names, never went away).
+
+        Raises:
+            SandboxConfigError: the state directory is no longer private.
+        """
         if self.transport != "ipc":
             return
-        for port in range(1, len(CHANNELS) + 1):
-            if self._private_path(port).exists():
-                self._link(port)
+        with private_dir(self.state_dir) as fd:
+            for port in range(1, len(CHANNELS) + 1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.stat(self._private_name(port), dir_fd=fd, follow_symlinks=False)
+                    self._link(fd, port)
 
     def release(self) -> None:
         """Close the listeners nobody claimed and remove every ipc name (claimed sockets are
@@ -210,8 +253,10 @@ class ClientSockets:
         for sock in self._reserved.values():
             sock.close()
         self._reserved.clear()
-        if self.transport == "ipc":
+        if self.transport != "ipc" or not os.path.isdir(self.state_dir):
+            return
+        with contextlib.suppress(SandboxConfigError), private_dir(self.state_dir) as fd:
             for port in range(1, len(CHANNELS) + 1):
-                for path in (self.public_path(port), self._private_path(port)):
+                for name in (self._public_name(port), self._private_name(port)):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+                        os.unlink(name, dir_fd=fd)

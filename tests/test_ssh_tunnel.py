@@ -456,6 +456,26 @@ def test_client_sockets_survive_jupyter_clients_ipc_cleanup(tmp_path: Path) -> N
     assert list(state.iterdir()) == []
 
 
+def test_client_sockets_replace_planted_names_without_following_them(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sandbox_kernels.client_sockets import ClientSockets
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    target = tmp_path / "target"
+    target.write_text("keep")
+    for name in ("k-2", "listen-3"):
+        (state / name).symlink_to(target)
+    sockets = ClientSockets("ipc", state)
+    sockets.assign(SimpleNamespace(), {})
+    for name in ("k-2", "listen-3"):
+        assert stat.S_ISSOCK(os.lstat(state / name).st_mode), name
+    assert target.read_text() == "keep" and stat.S_ISREG(os.lstat(target).st_mode)
+    sockets.release()
+    assert list(state.iterdir()) == []
+
+
 def test_client_sockets_refuse_a_shared_directory(tmp_path: Path) -> None:
     from sandbox_kernels.client_sockets import ClientSockets
 
