@@ -294,14 +294,22 @@ class HostileSuite:
 
     async def test_link_swaps_never_reach_host_files(self, kernel: Any, hostile: HostileRuntime,
                                                      canary: Path) -> None:
+        from sandbox_kernels.snapshots.service import SnapshotService
+
         km, kc = kernel
         before = FileState.of(canary)
-        await self._cell(kc, hostile, LINK_SWAP.format(canary=str(canary)))
+        attack = LINK_SWAP.format(canary=str(canary))
+        service = SnapshotService(km.provisioner)
+        snapshots = bool(service.capabilities().kinds)
+        if snapshots:  # taken before any attack: what was planted must not count against it
+            await service.create("before-attack")
+
+        await self._cell(kc, hostile, attack)
         await km.restart_kernel(now=False)
         await self._alive_and_working(km, kc, hostile)
         assert FileState.of(canary) == before, "a restart wrote through a planted link"
 
-        await self._cell(kc, hostile, LINK_SWAP.format(canary=str(canary)))
+        await self._cell(kc, hostile, attack)
         restarts: list[str] = []
         restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
         restarter.add_callback(lambda: restarts.append("restart"), "restart")
@@ -318,16 +326,12 @@ class HostileSuite:
             restarter.stop()
         assert FileState.of(canary) == before, "an auto-restart wrote through a planted link"
 
-        from sandbox_kernels.snapshots.service import SnapshotService
-
-        service = SnapshotService(km.provisioner)
-        if service.capabilities().kinds:
-            await service.create("before-attack")
-            await self._cell(kc, hostile, LINK_SWAP.format(canary=str(canary)))
+        if snapshots:
+            await self._cell(kc, hostile, attack)
             await service.rollback("before-attack")
             await self._alive_and_working(km, kc, hostile)
             assert FileState.of(canary) == before, "a rollback wrote through a planted link"
-        await self._cell(kc, hostile, LINK_SWAP.format(canary=str(canary)))
+        await self._cell(kc, hostile, attack)
         await km.shutdown_kernel(now=False)
         assert FileState.of(canary) == before, "the shutdown wrote through a planted link"
         assert canary.parent.exists() and canary.exists()

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import pytest
 from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 
+from hostile.suite import HostileRuntime, HostileSuite
 from lifecycle import run_cell, start, wait_until
 
 pytestmark = [pytest.mark.hostile, pytest.mark.docker]
@@ -413,3 +414,23 @@ async def test_snapshot_quota_counts_kept_snapshots(jp_fetch: Any, jp_serverapp:
         if kept:
             subprocess.run(["docker", "rmi", "-f", *kept], capture_output=True, timeout=120)
     assert len(kept) == 1, f"only the kept snapshot outlives its kernel: {kept}"
+
+
+def _log_bytes(kernel_id: str) -> int:
+    """Size of the container's log files on the host (json-file driver, rotated ones too)."""
+    (cid,) = _docker_ids("ps", kernel_id)
+    path = subprocess.run(["docker", "inspect", "-f", "{{.LogPath}}", cid], capture_output=True,
+                          text=True, check=True, timeout=30).stdout.strip()
+    directory = os.path.dirname(path)
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.startswith(os.path.basename(path)))
+
+
+class TestDockerHostile(HostileSuite):
+    """The shared hostile suite (tests/hostile/suite.py) on the Docker runtime."""
+
+    @pytest.fixture
+    def hostile(self) -> HostileRuntime:
+        return HostileRuntime(kernel_name=KERNEL, sandbox_exists=lambda kid: bool(_docker_ids("ps", kid)),
+                              start_timeout=STEP_TIMEOUT, exec_timeout=STEP_TIMEOUT, flood_bytes=1 << 30,
+                              host_output_bytes=_log_bytes)
