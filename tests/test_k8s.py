@@ -54,9 +54,20 @@ async def test_missing_image_fails_with_the_pods_reason(k8s_cluster: str, kernel
     assert "ErrImageNeverPull" in text, text
 
 
-async def test_unschedulable_pod_fails_with_the_schedulers_reason(k8s_cluster: str, kernelspec_dir: Any) -> None:
-    text = await _start_failure(kernelspec_dir, node_selector={"sandbox-kernels/no-such-node": "x"},
-                                schedule_timeout=2)
+async def test_unschedulable_pod_fails_with_the_schedulers_reason(k8s_cluster: str) -> None:
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
+
+    # node_selector is an admin setting (a kernelspec may not set it): from the Jupyter config.
+    config = Config({"KubernetesProvisioner": {"node_selector": {"sandbox-kernels/no-such-node": "x"},
+                                               "schedule_timeout": 2.0}})
+    km = AsyncKernelManager(kernel_name="sandbox-k8s", config=config)
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        await km.start_kernel()
+    assert time.monotonic() - started < 45, "a pod that cannot start must fail the launch quickly"
+    assert not _pods() and not network_policies(), "the failed pod and its policy must be deleted"
+    text = str(info.value)
     # 1.20's scheduler words it "didn't match Pod's node affinity", later ones "...affinity/selector".
     assert "Unschedulable" in text and "node(s) didn't match" in text, text
 
