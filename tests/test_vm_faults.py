@@ -13,6 +13,7 @@ import pytest
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
+from traitlets.config import Config
 
 from lifecycle import run_cell, start, wait_until
 
@@ -27,9 +28,12 @@ def _domains() -> list[str]:
     return out.stdout.split()
 
 
-async def _start_refused(kernelspec_dir: Any, **config: Any) -> str:
+async def _start_refused(kernelspec_dir: Any, admin: dict[str, Any] | None = None, **config: Any) -> str:
+    """Start a VM kernel that must fail: ``admin`` settings from Jupyter config (those only a
+    server admin may widen), ``config`` from its kernelspec."""
     kdir = kernelspec_dir("sandbox-nixos-vm", name="fault", **config)
-    km = AsyncKernelManager(kernel_name="fault", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kdir)]))
+    km = AsyncKernelManager(kernel_name="fault", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kdir)]),
+                            config=Config({"LibvirtProvisioner": admin or {}}))
     with pytest.raises(Exception) as info:
         await km.start_kernel()
     assert not km.has_kernel
@@ -57,7 +61,7 @@ async def test_guest_kernel_panic_detected_and_restarted(kernelspec_dir: Any) ->
         subprocess.run(["virsh", "-c", "qemu:///system", "inject-nmi", domain], check=True,
                        capture_output=True, timeout=30)
         assert await _dead_soon(km, 60), "the panic was not detected"
-        assert "Kernel panic" in _read(km.provisioner.state_dir / "console.log")
+        assert "Kernel panic" in _read(km.provisioner.console_path)
         assert domain not in _domains()
         restarter.start()
         assert await wait_until(lambda: _truthy(restarts), timeout=60), "no auto-restart"
@@ -138,7 +142,7 @@ async def test_full_overlay_directory_is_refused(kernelspec_dir: Any, tmp_path: 
     tiny.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "sandbox-kernels-test", str(tiny)], check=True)
     try:
-        message = await _start_refused(kernelspec_dir, images_dir=str(tiny))
+        message = await _start_refused(kernelspec_dir, admin={"images_dir": str(tiny)})
         assert "free" in message and "NIXOS_EPHEMERAL_VM_IMAGES_DIR" in message, message
         assert not any(tiny.iterdir()), "nothing may be left in the overlay directory"
     finally:
@@ -148,7 +152,7 @@ async def test_full_overlay_directory_is_refused(kernelspec_dir: Any, tmp_path: 
 async def test_corrupt_base_image_is_refused(kernelspec_dir: Any, tmp_path: Path) -> None:
     bad = tmp_path / "broken.qcow2"
     bad.write_bytes(b"QFI\xfb" + os.urandom(4096))  # a qcow2 magic followed by garbage
-    message = await _start_refused(kernelspec_dir, base_image=str(bad), image_dirs=[str(tmp_path)])
+    message = await _start_refused(kernelspec_dir, admin={"image_dirs": [str(tmp_path)]}, base_image=str(bad))
     assert str(bad) in message and ("qemu-img" in message or "rebuild" in message), message
 
 
@@ -165,13 +169,13 @@ async def test_images_outside_the_allowed_directories_are_refused(kernelspec_dir
     sneaky = allowed / "sneaky.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(outside), str(sneaky)],
                    check=True)
-    message = await _start_refused(kernelspec_dir, base_image=str(sneaky), image_dirs=[str(allowed)])
+    message = await _start_refused(kernelspec_dir, admin={"image_dirs": [str(allowed)]}, base_image=str(sneaky))
     assert "backing file" in message and "outside" in message, message
 
 
 async def test_unreachable_libvirtd_says_how_to_start_it(kernelspec_dir: Any, tmp_path: Path) -> None:
     uri = f"qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"
-    message = await _start_refused(kernelspec_dir, libvirt_uri=uri)
+    message = await _start_refused(kernelspec_dir, admin={"libvirt_uri": uri})
     assert "libvirtd" in message and "-d" in message, message
 
 

@@ -190,7 +190,13 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
 
     @property
     def _image_dir(self) -> Path:
+        """The VM's own directory: overlay, seed, console log, QEMU's sockets (QEMU may search it)."""
         return Path(self.images_dir) / self.kernel_id
+
+    @property
+    def console_path(self) -> Path:
+        """The serial console log (written by virtlogd for the guest; read by bounded tails)."""
+        return self._image_dir / "console.log"
 
     def sandbox_description(self) -> str:
         """The guest OS of the base image (from its os-release record)."""
@@ -246,7 +252,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
                 await self.close_tunnel()
                 await to_thread(host.destroy, self.sandbox_name)
                 await self._close_outbound()
-                await to_thread(overlay.remove_images, self._image_dir)
+                await to_thread((self._image_dir / "root.qcow2").unlink, True)
                 root = await to_thread(overlay.create_overlay, base, self._image_dir)
                 uid, gids = await to_thread(host.emulator_identity)
                 await to_thread(ensure_emulator_access, [str(root)], uid, gids)
@@ -289,7 +295,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             return
         if self._outbound is None:
             uid, _gids = await to_thread((await self._libvirt()).emulator_identity)
-            self._outbound = OutboundLink(self.state_dir / "outbound.sock", self.kernel_id, uid)
+            self._outbound = OutboundLink(self._image_dir / "outbound.sock", self.kernel_id, uid)
         await to_thread(self._outbound.start_with, start)
 
     async def _close_outbound(self) -> None:
@@ -318,10 +324,12 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             authorized = keys.client.public_line
             self._keys = {"client": str(keys.client_key_path)}
         self._keys["host_public"] = keys.host.public_line
-        seed = await to_thread(write_seed_disk, state / "seed.img", keys.host.private_openssh, authorized,
+        # What QEMU opens lives with the overlay, never in the kernel's private state directory.
+        vm_dir = self._image_dir
+        root = await to_thread(overlay.create_overlay, base, vm_dir)
+        seed = await to_thread(write_seed_disk, vm_dir / "seed.img", keys.host.private_openssh, authorized,
                                f"sandbox-{self.kernel_id[:8]}", self.allow_network, os.urandom(32),
                                bool(self.workspace))
-        root = await to_thread(overlay.create_overlay, base, self._image_dir)
         workspace = None
         if self.workspace:
             from ..settings import parse_size
@@ -329,11 +337,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             workspace = str(await to_thread(overlay.create_workspace, self.workspace_dir,
                                             parse_size(self.workspace_size, "workspace_size"),
                                             f"{self.workspace}.qcow2"))
-        console = state / "console.log"
+        console = self.console_path
         console.touch(mode=0o600)
         self.ssh_port = _free_port()
         paths = [str(p) for p in (root, seed, console, self._kernel_path, self._initrd_path, workspace) if p]
-        paths.append(str(state))  # QEMU creates the reseed socket there
         uid, gids = await to_thread(host.emulator_identity)
         await to_thread(ensure_emulator_access, paths, uid, gids)
         spec = DomainSpec(
@@ -341,8 +348,8 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             vcpus=self.vcpus, kernel=self._kernel_path, initrd=self._initrd_path, root=str(root),
             seed=str(seed), serial_log=str(console), ssh_port=self.ssh_port,
             allow_network=self.allow_network, workspace=workspace, labels=self.labels,
-            reseed_socket=str(state / "reseed.sock"),
-            outbound_socket=str(state / "outbound.sock") if self.allow_network else None,
+            reseed_socket=str(vm_dir / "reseed.sock"),
+            outbound_socket=str(vm_dir / "outbound.sock") if self.allow_network else None,
             extra_cmdline=boot_cmdline(self.base_image) + tuple(self.extra_cmdline),
         )
         return spec, base
@@ -355,11 +362,11 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         while time.monotonic() < deadline:
             text = read_tail(console, 4000)
             if "SANDBOX-FAILED" in text:
-                raise SandboxStartError(f"the guest failed to boot. Console:\n{console_tail(console)}")
+                raise SandboxStartError(f"the guest failed to boot. Console:\n{console_tail(console, _CONSOLE_LINES)}")
             state = await to_thread(host.state, self.sandbox_name)
             if state not in ("running", "paused"):
                 raise SandboxStartError(f"the VM stopped during boot (state {state}). Console:\n"
-                                        f"{console_tail(console)}")
+                                        f"{console_tail(console, _CONSOLE_LINES)}")
             if "SANDBOX-READY" in text or "sshd" in text:
                 try:
                     if connect is None:
@@ -372,7 +379,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             await asyncio.sleep(0.3)
         raise SandboxTimeout(
             f"the guest's sshd did not answer within NIXOS_VM_SSH_READY_TIMEOUT="
-            f"{self.ssh_ready_timeout:g} s (last error: {last}). Console:\n{console_tail(console)}")
+            f"{self.ssh_ready_timeout:g} s (last error: {last}). Console:\n{console_tail(console, _CONSOLE_LINES)}")
 
     async def open_tunnel(self) -> SSHTunnel:
         """Connect to the forwarded port with the per-kernel key, pinning the seeded host key."""
@@ -403,10 +410,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     async def diagnostics(self) -> str:
         """Kernel log and serial console tails."""
         parts = [await super().diagnostics()]
-        if self._state_dir is not None:
-            console = self._state_dir / "console.log"
+        if self.kernel_id:
+            console = self.console_path
             if console.exists():
-                parts.append(f"Serial console:\n{console_tail(console)}")
+                parts.append(f"Serial console:\n{console_tail(console, _CONSOLE_LINES)}")
         return "\n".join(p for p in parts if p)
 
     async def destroy_sandbox(self) -> None:
@@ -435,6 +442,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         if kept:
             self.log.info("Kernel %s: keeping overlay %s with snapshots %s", self.kernel_id,
                           self._image_dir, [s["name"] for s in kept])
+            await to_thread(_remove_all_but_disks, self._image_dir)
         else:
             await to_thread(overlay.remove_images, self._image_dir)
         if self._slot is not None:
@@ -453,8 +461,17 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         self._keys = state.get("keys", {})
 
 
+#: Console lines shown with a boot error or in diagnostics (a kernel panic's trace is ~40).
+_CONSOLE_LINES = 60
 #: Starts of one VM on a new SSH port when another process took the chosen one first.
 _PORT_ATTEMPTS = 3
+
+
+def _remove_all_but_disks(directory: Path) -> None:
+    """Leave only the qcow2 disks in a kept VM directory (the seed holds the guest's keys)."""
+    for entry in directory.iterdir():
+        if not entry.name.endswith(".qcow2"):
+            entry.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -112,7 +112,7 @@ class VMSnapshots:
         await to_thread(self._pause_forwards)
         await to_thread(host.destroy, self.sandbox_name)
         await to_thread(disk_snapshots.apply, files, name, self.job_completion_timeout)
-        console = self.state_dir / "console.log"
+        console = self.console_path
         await self._with_outbound(lambda: host.start_xml(self.sandbox_name, xml))
         if memory_snapshots:
             await to_thread(host.snapshot_redefine, self.sandbox_name, memory_snapshots)

@@ -460,7 +460,7 @@ async def test_console_flood_is_capped_on_the_host(kernelspec_dir: Any, root_env
     (~200 KB/s through the emulated UART under TCG: the flood takes about a minute.)"""
     cap = _virtlogd_cap()
     async with vm_kernel(kernelspec_dir, "flood", golden_snapshot=False) as (km, kc):
-        state = Path(km.provisioner.state_dir)
+        state = km.provisioner.console_path.parent
         out = await _cell(kc, (
             "import subprocess\n"
             f"r = subprocess.run([{ROOTPY!r}, '-c', {_CONSOLE_FLOOD!r}, '{cap + 4 * MiB}'], "
