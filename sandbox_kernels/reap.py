@@ -9,7 +9,6 @@ default) or removes them (``--yes``). Sandboxes of live owners are never touched
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable
 from . import labels
 from .cache import cache_dir
 from .errors import SandboxError
+from .runtimes.docker_dirs import remove_state_dir
 from .settings import default_state_root
 
 
@@ -127,7 +127,7 @@ def _directories(live_kernels: set[str], min_age: float, orphaned: frozenset[str
             # anything younger than min_age.
             old_enough = entry.name in orphaned or _age(entry) >= min_age
             if entry.is_dir() and entry.name not in live_kernels and old_enough:
-                found.append(Orphan(kind, str(entry), lambda p=entry: shutil.rmtree(p, ignore_errors=True)))
+                found.append(Orphan(kind, str(entry), lambda p=entry: remove_state_dir(p)))
     return found
 
 

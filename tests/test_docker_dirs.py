@@ -3,24 +3,28 @@ what the host does with links and sockets a kernel planted there."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from sandbox_kernels.runtimes.docker_dirs import CONNECTION_FILE, KernelDirs, remove_tree
+from sandbox_kernels.runtimes.docker_dirs import CONNECTION_FILE, KernelDirs, release_ipc, remove_tree
 
 SANDBOX = (1000, 1000)
 
 
 @pytest.fixture
-def dirs(tmp_path: Path) -> KernelDirs:
+def dirs(tmp_path: Path) -> Iterator[KernelDirs]:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    return KernelDirs(state, SANDBOX if os.geteuid() == 0 else None)
+    kernel_dirs = KernelDirs(state, SANDBOX if os.geteuid() == 0 else None)
+    yield kernel_dirs
+    release_ipc(kernel_dirs.ipc)  # a root server's ipc/ is a mount
 
 
 @pytest.fixture
@@ -51,7 +55,10 @@ def test_planted_links_are_replaced_not_followed(dirs: KernelDirs, victim: Path)
     # Whatever was planted in ipc/ goes with the directory; a link in conf/ is replaced.
     os.symlink(victim, dirs.ipc / "k-1")
     os.symlink(victim.parent, dirs.ipc / "sub")
-    os.link(victim, dirs.ipc / "hard")
+    try:
+        os.link(victim, dirs.ipc / "hard")
+    except OSError as e:  # a root server's ipc/ is a tmpfs of its own: no links into it
+        assert e.errno == errno.EXDEV and os.path.ismount(dirs.ipc)
     os.mkfifo(dirs.ipc / "fifo")
     (dirs.conf / CONNECTION_FILE).unlink()
     os.symlink(victim, dirs.conf / CONNECTION_FILE)
@@ -93,3 +100,22 @@ def test_remove_tree_follows_nothing(tmp_path: Path, victim: Path) -> None:
     remove_tree(tree)
     assert not tree.exists() and victim.read_text() == "host file\n"
     assert os.path.isdir(victim.parent)
+
+
+def test_root_ipc_is_a_small_tmpfs_without_symlinks(dirs: KernelDirs, victim: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the ipc tmpfs is a root server's; CI runs as root")
+    dirs.prepare({})
+    assert os.path.ismount(dirs.ipc)
+    options = [line.split() for line in open("/proc/self/mountinfo") if line.split()[4] == str(dirs.ipc)]
+    assert options and "nosymfollow" in " ".join(options[0]), options
+    os.symlink(victim, dirs.ipc / "k-1")
+    with pytest.raises(OSError) as info:
+        open(dirs.ipc / "k-1").read()
+    assert info.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as info:
+        with open(dirs.ipc / "fill", "wb") as f:
+            f.write(b"x" * (2 << 20))
+    assert info.value.errno == errno.ENOSPC
+    release_ipc(dirs.ipc)
+    assert not os.path.lexists(dirs.ipc) and not os.path.ismount(dirs.ipc)

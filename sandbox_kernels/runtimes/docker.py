@@ -26,7 +26,7 @@ from ..snapshots.model import Capabilities, Snapshot
 from ..snapshots.quota import Quota
 from ..provisioning.base import SandboxProvisioner
 from ..settings import env_default, parse_size
-from .docker_dirs import CONTAINER_CONNECTION_FILE, IPC_DIR, KernelDirs, remove_tree
+from .docker_dirs import CONTAINER_CONNECTION_FILE, IPC_DIR, KernelDirs, release_ipc
 from .docker_engine import DockerEngine
 
 DEFAULT_IMAGE = "sandbox-kernels/python:latest"
@@ -262,12 +262,14 @@ class DockerProvisioner(SandboxProvisioner):
         except Exception:
             self.log.warning("Docker engine unreachable: container %s may remain "
                              "(`sandbox-kernels reap` removes it later)", self.sandbox_name)
+            if self._state_dir is not None:
+                await to_thread(release_ipc, self._state_dir / IPC_DIR)
             return
         for ref in filter(None, (self.container_id, self.sandbox_name)):
             await to_thread(engine.remove, ref)
         self.container_id = None
         if self._state_dir is not None:  # what the sandbox wrote, before the base removes the rest
-            await to_thread(remove_tree, self._state_dir / IPC_DIR)
+            await to_thread(release_ipc, self._state_dir / IPC_DIR)
         for snap in await self.snapshot_list():
             if not snap.keep:
                 await to_thread(engine.remove_image, self._snapshot_ref(snap.name))

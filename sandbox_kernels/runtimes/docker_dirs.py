@@ -8,7 +8,11 @@ the container can write. The layout under the kernel's state directory::
     <state_dir>/ipc/          the kernel's ipc sockets; the only read-write mount, at the same
                               path in the container. Replaced by a fresh, empty directory
                               before every kernel start; the old one goes with an fd-based
-                              rmtree (which follows no symlink).
+                              rmtree (which follows no symlink). With a root server it is a
+                              tmpfs of its own (IPC_MOUNT_OPTIONS): 1 MiB, so a disk fill
+                              through it stops there, and ``nosymfollow``, so a socket the
+                              kernel swaps for a symlink cannot send the clients' connects
+                              to another socket of the host.
     <state_dir>/conf/         the connection file, written atomically through a directory fd
                               (O_NOFOLLOW, O_EXCL); mounted read-only. The container reads it
                               through its group (root server) or as its owner (the server's
@@ -27,6 +31,7 @@ import os
 import secrets
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,8 @@ CONNECTION_FILE = "connection.json"
 #: Where the container's copy of the connection file goes (its own filesystem, not shared).
 CONTAINER_CONNECTION_FILE = "/tmp/sandbox-kernel-connection.json"
 _MAX_CONNECTION_FILE = 64 * 1024
+#: ``ipc/`` as its own tmpfs (root servers): sockets take no room, nothing else is needed.
+IPC_MOUNT_OPTIONS = "size=1m,nr_inodes=4096,nosymfollow,nodev,nosuid,noexec,mode=0700"
 
 #: Run by the container's python3 before the kernel: copy the read-only connection file into
 #: the container's own /tmp (replacing whatever is there, following no symlink), then exec.
@@ -108,10 +115,16 @@ class KernelDirs:
 
     def _fresh_ipc(self) -> None:
         if os.path.lexists(self.ipc):
+            unmount(self.ipc)
             old = self.state_dir / f"{IPC_DIR}.old-{secrets.token_hex(4)}"
             os.rename(self.ipc, old)  # within the host-private state directory
             remove_tree(old)
         os.mkdir(self.ipc, 0o700)
+        if self.sandbox_ids is not None:  # root: a small tmpfs where symlinks are not followed
+            uid, gid = self.sandbox_ids
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"{IPC_MOUNT_OPTIONS},uid={uid},gid={gid}",
+                            "sandbox-kernels-ipc", str(self.ipc)], check=True, capture_output=True,
+                           timeout=30)
         fd = os.open(self.ipc, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             if self.sandbox_ids is not None:
@@ -144,6 +157,41 @@ class KernelDirs:
             os.replace(tmp, CONNECTION_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
         finally:
             os.close(dfd)
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path`` if something is mounted there (our ``ipc/`` tmpfs)."""
+    if os.path.ismount(path):
+        subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True, timeout=30)
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
+    top = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].replace("\\040", " ")
+                if point == top or point.startswith(top.rstrip("/") + "/"):
+                    found.append(point)
+    except OSError:
+        return []
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_state_dir(path: Path) -> None:
+    """Remove a kernel's state directory that a dead process left: its ``ipc/`` tmpfs too."""
+    for point in mounts_below(path):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def release_ipc(path: Path) -> None:
+    """Remove an ``ipc/`` directory: unmount its tmpfs, then remove what is left."""
+    if os.path.lexists(path):
+        unmount(path)
+        remove_tree(path)
 
 
 def remove_tree(path: Path) -> None:

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from sandbox_kernels.runtimes.docker_dirs import remove_state_dir
+
 SESSION_LABEL = "sandbox-kernels.session"
 
 
@@ -98,7 +100,14 @@ def find_leaks() -> dict[str, list[str]]:
         "passt": _passt(),
         "pods": _pods(),
         "network policies": _pods("networkpolicies"),
+        "ipc mounts": _ipc_mounts(),
     }
+
+
+def _ipc_mounts() -> list[str]:
+    """Docker kernels' ipc/ tmpfs mounts (root servers), wherever a test made them."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split()[4] for line in f if " sandbox-kernels-ipc " in line)
 
 
 def remove_leaks(leaks: dict[str, list[str]]) -> None:
@@ -111,8 +120,10 @@ def remove_leaks(leaks: dict[str, list[str]]) -> None:
         subprocess.run(["virsh", "-c", "qemu:///system", "destroy", dom], capture_output=True, timeout=60)
         subprocess.run(["virsh", "-c", "qemu:///system", "undefine", dom, "--snapshots-metadata"],
                        capture_output=True, timeout=60)
+    for point in leaks.get("ipc mounts", []):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
     for path in leaks.get("state", []):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_state_dir(Path(path))  # a Docker kernel's ipc/ tmpfs too
     for entry in leaks.get("passt", []):
         from sandbox_kernels.vm.outbound import stop_process
 

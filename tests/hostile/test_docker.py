@@ -434,3 +434,64 @@ class TestDockerHostile(HostileSuite):
         return HostileRuntime(kernel_name=KERNEL, sandbox_exists=lambda kid: bool(_docker_ids("ps", kid)),
                               start_timeout=STEP_TIMEOUT, exec_timeout=STEP_TIMEOUT, flood_bytes=1 << 30,
                               host_output_bytes=_log_bytes)
+
+
+#: Runs in the kernel: swap each of its sockets for a symlink to a host socket, then die, so the
+#: clients' ZMQ reconnects follow the links (if the host let them).
+REDIRECT = r'''
+import json, os, sys
+info = json.load(open(sys.argv[sys.argv.index("-f") + 1]))
+for ch in ("shell", "iopub", "stdin", "control", "hb"):
+    path = f"{{info['ip']}}-{{info[ch + '_port']}}"
+    os.symlink({target!r}, path + ".swap")
+    os.replace(path + ".swap", path)
+os._exit(1)
+'''
+
+
+async def test_sockets_swapped_for_symlinks_do_not_redirect_the_clients(tmp_path: Path) -> None:
+    """The clients reconnect to the kernel's socket paths by name: a kernel that swaps them for
+    symlinks to another socket of the host must not get the server's connections sent there."""
+    import socket
+    import threading
+
+    target = tmp_path / "host-service.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(target))
+    server.listen(16)
+    server.settimeout(0.2)
+    accepted: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    km, kc = await start(KERNEL, timeout=STEP_TIMEOUT)
+    restarts: list[str] = []
+    restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
+    restarter.add_callback(lambda: restarts.append("restart"), "restart")
+    restarter.start()
+    try:
+        kc.execute(REDIRECT.format(target=str(target)))
+
+        async def restarted() -> bool:
+            return bool(restarts)
+
+        assert await wait_until(restarted, timeout=STEP_TIMEOUT), "the kernel's death was not detected"
+        await _works(kc)
+        assert accepted == [], f"the clients connected {len(accepted)} times to a socket the kernel chose"
+    finally:
+        restarter.stop()
+        stop.set()
+        thread.join(5)
+        server.close()
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
