@@ -19,7 +19,7 @@ import pytest
 
 from helpers.leaks import find_leaks, remove_leaks
 
-pytest_plugins = ["pytest_jupyter.jupyter_server", "helpers.k8s"]
+pytest_plugins = ["pytest_jupyter.jupyter_server", "helpers.k8s", "helpers.phases"]
 
 REPO = Path(__file__).resolve().parent.parent
 
