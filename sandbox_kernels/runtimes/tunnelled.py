@@ -53,8 +53,13 @@ dir=$1 pid=$2 log=$3
 umask 077
 mkdir -p "$dir" && chmod 700 "$dir" || exit 4
 read -r connection && read -r request || exit 4
-rm -f "$log" "$log.exit" "$dir/fork-reply" "$dir/fork-request.tmp"
-printf '%s' "$connection" | base64 -d > "$dir/connection.json" || exit 4
+# What the old kernel left here may be links or directories: remove them, create the new
+# files exclusively (noclobber), and rename them into place, so nothing planted is followed.
+rm -rf "$log" "$log.exit" "$dir/fork-reply" "$dir/fork-request.tmp" "$dir/connection.json" \
+    "$dir/connection.json.new" || exit 4
+set -C
+printf '%s' "$connection" | base64 -d > "$dir/connection.json.new" || exit 4
+mv -f "$dir/connection.json.new" "$dir/connection.json" || exit 4
 kill -0 "$pid" 2>/dev/null || exit 3
 printf '%s' "$request" | base64 -d > "$dir/fork-request.tmp" || exit 4
 mv -f "$dir/fork-request.tmp" "$dir/fork-request" || exit 4

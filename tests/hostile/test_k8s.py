@@ -24,6 +24,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
 from helpers.k8s import NAMESPACE, core, network_policies, networking, pods
+from hostile.suite import HostileRuntime, HostileSuite
 from lifecycle import run_cell, start, wait_until
 from sandbox_kernels.errors import SandboxError
 
@@ -148,3 +149,16 @@ async def _to_thread(fn: Any, *args: Any) -> Any:
     import asyncio
 
     return await asyncio.to_thread(fn, *args)
+
+
+class TestK8sHostile(HostileSuite):
+    """The shared hostile suite on a kernel pod. The pod's memory limit is the kernelspec's
+    resources (1Gi by default). Its process limit is the node's (the kubelet's podPidsLimit;
+    the test cluster's kubelet runs with --pod-max-pids 1024): a bomb that reaches it also
+    stops the runtime's own execs into the pod, so the bomb here stays bounded by its count."""
+
+    @pytest.fixture
+    def hostile(self, k8s_cluster: str) -> HostileRuntime:
+        return HostileRuntime(kernel_name="sandbox-k8s", sandbox_exists=lambda kid: bool(pods(kid)),
+                              start_timeout=180, exec_timeout=120, flood_bytes=256 * MiB,
+                              process_limit=False)

@@ -444,5 +444,5 @@ class TestSSHHostile(HostileSuite):
     def hostile(self, ssh_host: dict[str, str]) -> HostileRuntime:
         user = pwd.getpwnam(USER)
         return HostileRuntime(kernel_name="sandbox-ssh", sandbox_exists=lambda kid: bool(kernel_dirs(kid)),
-                              start_timeout=120, exec_timeout=120, enforces_limits=False,
+                              start_timeout=120, exec_timeout=120, process_limit=False, memory_limit=False,
                               flood_bytes=128 * MiB, canary_owner=(user.pw_uid, user.pw_gid))

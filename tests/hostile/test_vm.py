@@ -28,7 +28,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 from helpers.netns import network_namespace
-from hostile.suite import LoopbackListener
+from hostile.suite import HostileRuntime, HostileSuite, LoopbackListener, SnapshotAttacks
 from lifecycle import run_cell
 
 pytestmark = [pytest.mark.hostile, pytest.mark.vm]
@@ -474,3 +474,16 @@ async def test_console_flood_is_capped_on_the_host(kernelspec_dir: Any, root_env
         text = await km.provisioner.diagnostics()
         assert len(text) <= 256 * 1024, "diagnostics read the flooded console unbounded"
         assert await _cell(kc, "print(6 * 7)") == "42\n"
+
+
+class TestVMHostile(SnapshotAttacks, HostileSuite):
+    """The shared hostile suite on a VM kernel (the shipped guest, allow_network off). The VM
+    bounds memory by its size; processes only by that memory (no pids limit in the guest), so
+    the fork bomb stays bounded by its own count. 10.0.2.2 is slirp's alias of the host."""
+
+    @pytest.fixture
+    def hostile(self) -> HostileRuntime:
+        return HostileRuntime(kernel_name="sandbox-nixos-vm",
+                              sandbox_exists=lambda kid: f"sandbox-kernels-{kid}" in _domains(),
+                              start_timeout=300, exec_timeout=EXEC_TIMEOUT, loopback_aliases=["10.0.2.2"],
+                              process_limit=False, flood_bytes=64 << 20)
