@@ -46,3 +46,17 @@ pid_of() { # component -> its pid if running (found by executable path, not by p
 }
 
 kc() { "$K8S_BIN/kubectl" --kubeconfig "$K8S_KUBECONFIG" "$@"; }
+
+# Containers the kubelet created (dockershim labels every one with the pod's uid). A container
+# whose processes are still being torn down can fail removal once ("directory not empty") and
+# stay "Dead"; left behind, it stops the next kubelet from starting, so try again.
+remove_kubelet_containers() {
+    local attempt ids
+    for attempt in 1 2 3 4 5; do
+        ids=$(docker ps -aq --filter label=io.kubernetes.pod.uid 2>/dev/null || true)
+        [[ -n $ids ]] || return 0
+        say "removing $(wc -w <<<"$ids") kubelet container(s) (attempt $attempt)"
+        docker rm -f $ids >/dev/null 2>&1 || sleep 2
+    done
+    say "could not remove kubelet containers: $(docker ps -aq --filter label=io.kubernetes.pod.uid | xargs)"
+}

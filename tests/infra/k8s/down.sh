@@ -25,12 +25,7 @@ if [[ -n $(pid_of kubelet) && -n $(pid_of kube-apiserver) && -x $K8S_BIN/kubectl
 fi
 for c in kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$c"; done
 
-# Containers the kubelet created (dockershim labels every one with the pod's uid).
-ids=$(docker ps -aq --filter label=io.kubernetes.pod.uid 2>/dev/null || true)
-if [[ -n $ids ]]; then
-    say "removing $(wc -w <<<"$ids") kubelet container(s)"
-    docker rm -f $ids >/dev/null 2>&1 || true
-fi
+remove_kubelet_containers
 
 if [[ -f $K8S_RUN/sysctl.saved ]]; then
     say "restoring sysctls"

@@ -142,6 +142,7 @@ start kube-scheduler --kubeconfig "$K8S_RUN/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --port 0 --secure-port 10259 --leader-elect=false --profiling=false --v=1
 
 mkdir -p "$K8S_RUN/kubelet"
+remove_kubelet_containers  # a crashed run's leftovers would stop the kubelet from starting
 start kubelet --kubeconfig "$K8S_RUN/kubelet.kubeconfig" --hostname-override "$NODE_NAME" \
     --node-ip "$NODE_IP" --address "$NODE_IP" --port 10250 --read-only-port 0 \
     --healthz-bind-address 127.0.0.1 --healthz-port 10248 \
@@ -152,7 +153,7 @@ start kubelet --kubeconfig "$K8S_RUN/kubelet.kubeconfig" --hostname-override "$N
     --fail-swap-on=false --oom-score-adj 0 --make-iptables-util-chains=false \
     --image-gc-high-threshold 100 --image-gc-low-threshold 99 \
     --eviction-hard 'memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
-    --serialize-image-pulls=false --v=1
+    --serialize-image-pulls=false --pod-max-pids 1024 --v=1
 say "waiting for node $NODE_NAME to be Ready"
 ready() {
     check_alive kubelet
