@@ -105,9 +105,11 @@ def find_leaks() -> dict[str, list[str]]:
 
 
 def _ipc_mounts() -> list[str]:
-    """Docker kernels' ipc/ tmpfs mounts (root servers), wherever a test made them."""
+    """This session's Docker kernels' ipc/ tmpfs mounts (root servers), under its state dir."""
+    root = os.path.realpath(os.environ["SANDBOX_KERNELS_STATE_DIR"]).rstrip("/") + "/"
     with open("/proc/self/mountinfo") as f:
-        return sorted(line.split()[4] for line in f if " sandbox-kernels-ipc " in line)
+        return sorted(point for point in (line.split()[4] for line in f if " sandbox-kernels-ipc " in line)
+                      if point.startswith(root))
 
 
 def remove_leaks(leaks: dict[str, list[str]]) -> None:
