@@ -26,6 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import websocket_connect
 from traitlets.config import Config
 
+from helpers.ssh_host import ensure_user
 from helpers.wheel_env import WheelVenv, run, wheel_venv  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.docker
@@ -44,10 +45,8 @@ def hub_environment() -> dict[str, str]:
 
 
 def _ensure_user() -> pwd.struct_passwd:
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+    """The hub's user, in the docker group (as the example's comment asks)."""
+    ensure_user(USER)
     subprocess.run(["usermod", "-aG", "docker", USER], check=True)
     return pwd.getpwnam(USER)
 

@@ -49,6 +49,9 @@ class HostileRuntime:
     #: attacks stay bounded by their own counts and only the kernel's recovery is asserted.
     process_limit: bool = True
     memory_limit: bool = True
+    #: Whether the sandbox bounds the disk the kernel can fill (a VM's disk, a pod's
+    #: ephemeral-storage limit); elsewhere the fill stays bounded by its own size.
+    disk_limit: bool = False
     #: Bytes the output flood writes to the kernel's own stdout/stderr file descriptors.
     flood_bytes: int = 512 * MiB
     #: Owner the canary file gets (the account a host-side write could act as).
@@ -230,6 +233,26 @@ del chunks
 print("allocated", got, "limited", limited)
 '''
 
+#: Runs in the kernel: fill the disk under its working directory until refused, or the bound is
+#: reached; then remove the file. Incompressible data (zeros could stay sparse).
+DISK_FILL = r'''
+import errno, os
+block = os.urandom(1 << 20)
+written, full = 0, False
+try:
+    with open("sk-fill.bin", "wb") as f:
+        while written < {bound_mib} << 20:
+            f.write(block)
+            written += len(block)
+        f.flush()
+        os.fsync(f.fileno())
+except OSError as e:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+if os.path.exists("sk-fill.bin"):
+    os.remove("sk-fill.bin")
+print("written", written >> 20, "full", full)
+'''
+
 #: Runs in the kernel: write to its own stdout/stderr file descriptors (bypassing Jupyter's
 #: capture), then a burst through Jupyter's stdout.
 OUTPUT_FLOOD = r'''
@@ -313,11 +336,7 @@ class HostileSuite:
         assert FileState.of(canary) == before, "a restart wrote through a planted link"
 
         await self._cell(kc, hostile, attack)
-        restarts: list[str] = []
-        restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
-        restarter.add_callback(lambda: restarts.append("restart"), "restart")
-        restarter.start()
-        try:
+        with watching_restarts(km) as restarts:
             kc.execute("import os; os._exit(3)")
 
             async def restarted() -> bool:
@@ -325,8 +344,6 @@ class HostileSuite:
 
             assert await wait_until(restarted, timeout=hostile.start_timeout), "death not detected"
             await self._alive_and_working(km, kc, hostile)
-        finally:
-            restarter.stop()
         assert FileState.of(canary) == before, "an auto-restart wrote through a planted link"
 
         if snapshots:
@@ -358,42 +375,37 @@ class HostileSuite:
         assert out.strip() == "reached []", out
         assert listener.accepted == 0
 
+    async def _attack_to_the_limit(self, km: Any, kc: Any, hostile: HostileRuntime, code: str,
+                                   timeout: float, limited: bool, check: str) -> None:
+        """Run a bomb; it may take the kernel down with it (out of memory, an evicted pod):
+        then its death must be seen and the kernel restarted. If it returned and the sandbox
+        has the limit, ``check`` (a cell printing what was reached and whether it was refused)
+        must show the refusal. Either way the kernel works afterwards."""
+        with watching_restarts(km) as restarts:
+            outcome = await _reply_or_restart(kc, kc.execute(code), restarts, timeout)
+            if outcome == "reply" and limited:
+                out = await run_cell(kc, check, timeout=hostile.exec_timeout)
+                assert out["stdout"].split()[-1] == "True", f"no limit stopped the attack: {out}"
+            await self._alive_and_working(km, kc, hostile)
+
     async def test_fork_bomb_is_contained(self, kernel: Any, hostile: HostileRuntime) -> None:
         km, kc = kernel
         bound = 5000 if hostile.process_limit else 300
-        restarts: list[str] = []
-        restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
-        restarter.add_callback(lambda: restarts.append("restart"), "restart")
-        restarter.start()
-        try:
-            # The bomb may also take the kernel down with it (out of memory): then its death
-            # must be seen and the kernel restarted.
-            msg_id = kc.execute(FORK_BOMB.format(bound=bound))
-            outcome = await _reply_or_restart(kc, msg_id, restarts, hostile.exec_timeout * 4)
-            if outcome == "reply" and hostile.process_limit:
-                out = await run_cell(kc, "print(len(children), limited)", timeout=hostile.exec_timeout)
-                forked, limited = out["stdout"].split()
-                assert limited == "True" and int(forked) < bound, f"no process limit stopped the bomb: {out}"
-            await self._alive_and_working(km, kc, hostile)
-        finally:
-            restarter.stop()
+        await self._attack_to_the_limit(km, kc, hostile, FORK_BOMB.format(bound=bound), hostile.exec_timeout * 4,
+                                        hostile.process_limit, f"print(len(children) < {bound} and limited)")
 
     async def test_memory_bomb_is_contained(self, kernel: Any, hostile: HostileRuntime) -> None:
         km, kc = kernel
         bound = 8192 if hostile.memory_limit else 1024
-        restarts: list[str] = []
-        restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
-        restarter.add_callback(lambda: restarts.append("restart"), "restart")
-        restarter.start()
-        try:
-            msg_id = kc.execute(MEMORY_BOMB.format(bound_mib=bound))
-            outcome = await _reply_or_restart(kc, msg_id, restarts, hostile.start_timeout * 2)
-            if outcome == "reply" and hostile.memory_limit:
-                out = await run_cell(kc, "print(got, limited)", timeout=hostile.exec_timeout)
-                assert out["stdout"].split()[1] == "True", f"no memory limit stopped the bomb: {out}"
-            await self._alive_and_working(km, kc, hostile)
-        finally:
-            restarter.stop()
+        await self._attack_to_the_limit(km, kc, hostile, MEMORY_BOMB.format(bound_mib=bound),
+                                        hostile.start_timeout * 2, hostile.memory_limit, "print(limited)")
+
+    async def test_disk_fill_is_contained(self, kernel: Any, hostile: HostileRuntime) -> None:
+        km, kc = kernel
+        bound = 8192 if hostile.disk_limit else 512
+        await self._attack_to_the_limit(km, kc, hostile, DISK_FILL.format(bound_mib=bound),
+                                        hostile.exec_timeout * 10, hostile.disk_limit,
+                                        f"print(written >> 20 < {bound} and full)")
 
     async def test_output_flood_is_bounded(self, kernel: Any, hostile: HostileRuntime) -> None:
         km, kc = kernel
@@ -436,6 +448,19 @@ class SnapshotAttacks:
             samples.append(out["stdout"].split())
         assert len(samples[0]) == 2 and samples[0][0] != samples[1][0], samples
         assert samples[0][1] != samples[1][1], samples
+
+
+@contextlib.contextmanager
+def watching_restarts(km: Any) -> Iterator[list[str]]:
+    """The restarter a server runs, for the block: yields the list its restarts append to."""
+    restarts: list[str] = []
+    restarter = AsyncIOLoopKernelRestarter(kernel_manager=km, time_to_dead=1.0, parent=km)
+    restarter.add_callback(lambda: restarts.append("restart"), "restart")
+    restarter.start()
+    try:
+        yield restarts
+    finally:
+        restarter.stop()
 
 
 async def _reply_or_restart(kc: Any, msg_id: str, restarts: list[str], timeout: float) -> str:

@@ -155,7 +155,9 @@ class TestK8sHostile(HostileSuite):
     """The shared hostile suite on a kernel pod. The pod's memory limit is the kernelspec's
     resources (1Gi by default). Its process limit is the node's (the kubelet's podPidsLimit;
     the test cluster's kubelet runs with --pod-max-pids 1024): a bomb that reaches it also
-    stops the runtime's own execs into the pod, so the bomb here stays bounded by its count."""
+    stops the runtime's own execs into the pod, so the bomb here stays bounded by its count.
+    Its disk is bounded by ephemeral-storage (2Gi), whose eviction test_storage_past_the_limit
+    attacks with a small limit; the suite's fill stays under it."""
 
     @pytest.fixture
     def hostile(self, k8s_cluster: str) -> HostileRuntime:

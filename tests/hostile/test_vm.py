@@ -478,12 +478,13 @@ async def test_console_flood_is_capped_on_the_host(kernelspec_dir: Any, root_env
 
 class TestVMHostile(SnapshotAttacks, HostileSuite):
     """The shared hostile suite on a VM kernel (the shipped guest, allow_network off). The VM
-    bounds memory by its size; processes only by that memory (no pids limit in the guest), so
-    the fork bomb stays bounded by its own count. 10.0.2.2 is slirp's alias of the host."""
+    bounds memory and disk by its size; processes only by that memory (no pids limit in the
+    guest), so the fork bomb stays bounded by its own count. 10.0.2.2 is slirp's alias of the
+    host."""
 
     @pytest.fixture
     def hostile(self) -> HostileRuntime:
         return HostileRuntime(kernel_name="sandbox-nixos-vm",
                               sandbox_exists=lambda kid: f"sandbox-kernels-{kid}" in _domains(),
                               start_timeout=300, exec_timeout=EXEC_TIMEOUT, loopback_aliases=["10.0.2.2"],
-                              process_limit=False, flood_bytes=64 << 20)
+                              process_limit=False, disk_limit=True, flood_bytes=64 << 20)
