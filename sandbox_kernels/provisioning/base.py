@@ -38,6 +38,7 @@ from ..settings import check_env, check_name, default_state_root, env_default
 from ..aio import exiting
 from ..labels import owner_labels
 from ..policy import apply_kernelspec_config
+from ..private_dirs import open_private_dir
 from ..snapshots.control import ControlServer
 from ..snapshots.quota import ByteSize
 
@@ -142,8 +143,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """This kernel's private state directory (mode 0700), created on first use."""
         if self._state_dir is None:
             root = Path(self.state_root or default_state_root())
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(root, 0o700)
+            os.close(open_private_dir(root, "the state directory (state_root)",
+                                      "Set SANDBOX_KERNELS_STATE_DIR (or XDG_RUNTIME_DIR) to a "
+                                      "directory of this user's."))
             path = root / check_name(self.kernel_id, "kernel id")
             path.mkdir(mode=0o700, exist_ok=True)
             self._state_dir = path

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..cache import cache_dir
 from ..errors import SandboxTimeout, SandboxUnavailable
+from ..private_dirs import open_private_dir
 
 
 def slots_dir() -> Path:
@@ -47,36 +48,6 @@ class VMSlot:
             self._fd = None
 
 
-def open_private_dir(directory: Path) -> int:
-    """Create ``directory`` (0700) if needed and open it, refusing one that is not ours alone.
-
-    Returns:
-        A file descriptor of the directory (the caller closes it).
-
-    Raises:
-        SandboxUnavailable: it is a symlink or not a directory, belongs to another user, or
-            others may write to it; the message names it and the fix.
-    """
-    try:
-        directory.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise SandboxUnavailable(
-            f"the VM slot directory {directory} cannot be used ({e.strerror or e}): it must be a "
-            "directory of this user, not a link; remove it.") from e
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        raise SandboxUnavailable(
-            f"the VM slot directory {directory} belongs to uid {st.st_uid} with mode "
-            f"{stat.S_IMODE(st.st_mode):o}: it must be this user's (uid {os.geteuid()}) and closed "
-            "to others. Remove it, or set XDG_RUNTIME_DIR to a private directory.")
-    return fd
-
-
 def try_acquire_slot(directory: Path, limit: int) -> VMSlot | None:
     """Take one of ``limit`` slots in ``directory`` if one is free, without waiting.
 
@@ -84,7 +55,8 @@ def try_acquire_slot(directory: Path, limit: int) -> VMSlot | None:
         SandboxUnavailable: the directory or a lock file in it is not ours alone (see
             :func:`open_private_dir`).
     """
-    dir_fd = open_private_dir(directory)
+    dir_fd = open_private_dir(directory, "the VM slot directory",
+                              "Set XDG_RUNTIME_DIR to a private directory.")
     try:
         for n in range(limit):
             name = f"slot-{n}.lock"
