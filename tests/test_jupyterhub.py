@@ -121,9 +121,12 @@ async def _execute(server: dict[str, Any], kernel_id: str, code: str, timeout: f
         "content": {"code": code, "silent": False, "store_history": False,
                     "user_expressions": {}, "allow_stdin": False}}))
     out = ""
+    replied = idle = False
     deadline = time.monotonic() + timeout
     try:
-        while True:
+        # Done when the shell reply and the iopub "idle" of this request have both come: the
+        # channels are separate sockets, so the reply may overtake the output.
+        while not (replied and idle):
             raw = await asyncio.wait_for(ws.read_message(), max(1.0, deadline - time.monotonic()))
             assert raw is not None, "the kernel websocket closed"
             msg = json.loads(raw)
@@ -134,7 +137,10 @@ async def _execute(server: dict[str, Any], kernel_id: str, code: str, timeout: f
             elif msg["msg_type"] == "error":
                 out += f"{msg['content']['ename']}: {msg['content']['evalue']}"
             elif msg["msg_type"] == "execute_reply":
-                return out
+                replied = True
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                idle = True
+        return out
     finally:
         ws.close()
 
