@@ -142,7 +142,9 @@ start kube-scheduler --kubeconfig "$K8S_RUN/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --port 0 --secure-port 10259 --leader-elect=false --profiling=false --v=1
 
 mkdir -p "$K8S_RUN/kubelet"
-remove_kubelet_containers  # a crashed run's leftovers would stop the kubelet from starting
+# A crashed run's leftover containers stop a new kubelet from starting; a running kubelet's
+# containers are its pods' (up.sh also brings back a restarted API server beside them).
+[[ -n $(pid_of kubelet) ]] || remove_kubelet_containers
 start kubelet --kubeconfig "$K8S_RUN/kubelet.kubeconfig" --hostname-override "$NODE_NAME" \
     --node-ip "$NODE_IP" --address "$NODE_IP" --port 10250 --read-only-port 0 \
     --healthz-bind-address 127.0.0.1 --healthz-port 10248 \
