@@ -120,13 +120,12 @@ if alive "$1"; then echo running; exit 0; fi
 if [ -f "$2" ]; then echo "exited $(head -c 16 -- "$2")"; else echo gone; fi
 """
 
-# $1 signal name, $2 pid: the process group first (the wrapper made one; its members are
-# signalled even once the leader is gone, so a dead kernel's children go too, e.g. what a fork
-# bomb left), then the process. Exit status 3: no such (live) process or group.
+# $1 signal name, $2 pid: the process group first (the wrapper made one), then the process.
+# Exit status 3: no such (live) process; its group is signalled all the same, so a dead
+# kernel's leftover children (what a fork bomb left) go too.
 _SIGNAL_SCRIPT = _ALIVE + """\
-kill -s "$1" -- "-$2" 2>/dev/null && exit 0
-alive "$2" || exit 3
-kill -s "$1" "$2"
+if ! alive "$2"; then kill -s "$1" -- "-$2" 2>/dev/null; exit 3; fi
+kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"
 """
 
 # $1 target path, $2 octal mode; data on stdin. Written to a 0600 temporary file, then renamed.
