@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from ..aio import to_thread
 from ..snapshots.model import Capabilities, Snapshot
-from ..vm import disk_snapshots
+from ..vm import disk_snapshots, golden
+from ..vm.seed import refresh_random_seed
 
 
 class VMSnapshots:
@@ -85,6 +87,7 @@ class VMSnapshots:
         host = await self._libvirt()
         await asyncio.wait_for(to_thread(host.snapshot_revert, self.sandbox_name, snapshot.name),
                                self.job_completion_timeout)
+        await self._reseed_after_rollback()
         tunnel = await self._tunnel_ready()
         await to_thread(tunnel.reconnect, self.ssh_ready_timeout)
         self.pid = meta.get("pid")
@@ -94,6 +97,20 @@ class VMSnapshots:
         if ports and ports != self._remote_ports:
             await to_thread(self._forward, tunnel, ports)
         return False
+
+    async def _reseed_after_rollback(self) -> None:
+        """The guest's random generator is the snapshot's again: give it fresh bytes.
+
+        The seed disk gets new random bytes and the guest's reseed agent mixes them in (the
+        same agent a VM restored from a golden snapshot uses); otherwise two rollbacks to one
+        snapshot would hand out the same random numbers (keys, tokens, uuids).
+
+        Raises:
+            SandboxError: the guest could not reseed (its reason is included).
+        """
+        vm_dir = self._image_dir
+        await to_thread(refresh_random_seed, vm_dir / "seed.img", os.urandom(32))
+        await to_thread(golden.reseed, str(vm_dir / "reseed.sock"), self.ssh_ready_timeout)
 
     async def _rollback_disk(self, name: str, files: list[str]) -> None:
         """Power the VM off, restore its disks, boot it again and start the kernel.

@@ -144,6 +144,22 @@ def write_seed_disk(
     return Path(path)
 
 
+def refresh_random_seed(path: str | os.PathLike[str], random_seed: bytes) -> None:
+    """Give a VM's seed disk new random bytes, keeping everything else (keys, host name).
+
+    A memory rollback returns the guest's random generator to the snapshot's state: before
+    the guest reseeds from its seed disk, the disk gets fresh bytes, so two rollbacks to one
+    snapshot do not hand out the same random numbers.
+
+    Raises:
+        SandboxConfigError: the file is not a seed disk, or cannot be written.
+    """
+    members = read_seed(path)
+    write_seed_disk(path, members["ssh_host_ed25519_key"].decode("ascii"),
+                    members["authorized_keys"].decode("utf-8"), members["hostname"].decode("ascii").strip(),
+                    "network" in members, random_seed, "workspace" in members)
+
+
 def read_seed(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """Read a seed disk back (tests and ``image check`` diagnostics): member name -> content.
 

@@ -83,3 +83,18 @@ def test_network_policy_denies_everything_for_the_kernels_pod() -> None:
     assert policy["spec"] == {"podSelector": {"matchLabels": {"sandbox-kernels/kernel-id": "k1"}},
                               "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": []}
     assert policy["metadata"]["labels"] == labels
+
+
+def test_refreshing_the_seed_keeps_everything_but_the_random_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox_kernels.ssh.keys import generate_keypair
+    from sandbox_kernels.vm.seed import read_seed, refresh_random_seed, write_seed_disk
+
+    host = generate_keypair("host")
+    path = write_seed_disk(tmp_path / "seed.img", host.private_openssh, "ssh-ed25519 AAAA test\n",
+                           "sandbox-1", True, b"\1" * 32, True)
+    before = read_seed(path)
+    inode = path.stat().st_ino
+    refresh_random_seed(path, b"\2" * 32)
+    after = read_seed(path)
+    assert after.pop("random_seed") == b"\2" * 32 and before.pop("random_seed") == b"\1" * 32
+    assert after == before and path.stat().st_ino == inode  # QEMU keeps the same file open
