@@ -133,7 +133,7 @@ class _VMSampler:
         self.foreign: set[str] = set()
 
     async def loop(self) -> None:
-        from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+        from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
 
         host = LibvirtHost()
         try:
@@ -177,8 +177,8 @@ class _VMSampler:
 
     def remove_leftovers(self, say: Any) -> None:
         """Destroy domains still owned by the batch's (now ended) papermill processes."""
-        from sandbox_kernels.vm import overlay
-        from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+        from sandbox_kernels.runtimes.vm import overlay
+        from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
 
         with LibvirtHost() as host:
             for name in host.list_domains():

@@ -116,7 +116,7 @@ def other_sandboxes() -> str:
     """Sandboxes running now that this run did not start (contention to note)."""
     parts = []
     try:
-        from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+        from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
 
         with LibvirtHost() as host:
             parts.append(f"{sum(1 for d in host.list_domains() if host.state(d) == 'running')} VMs")

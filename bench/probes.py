@@ -110,7 +110,7 @@ def local_footprint(km: Any) -> Footprint:
 
 def vm_footprint(provisioner: Any) -> Footprint:
     """The domain's QEMU process and the kernel's qcow2 overlay directory."""
-    from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+    from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
 
     with LibvirtHost(provisioner.libvirt_uri) as host:
         pid = host.qemu_pid(provisioner.sandbox_name)

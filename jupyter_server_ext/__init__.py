@@ -10,7 +10,7 @@ from typing import Any
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    from .app import SandboxKernelsExtension
+    from jupyter_server_ext.app import SandboxKernelsExtension
 
     return [{"module": "jupyter_server_ext", "app": SandboxKernelsExtension}]
 

@@ -7,7 +7,7 @@ import threading
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool
 
-from .handlers import handlers
+from jupyter_server_ext.handlers import handlers
 
 
 class SandboxKernelsExtension(ExtensionApp):

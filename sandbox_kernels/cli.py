@@ -39,18 +39,18 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _image_build(args: argparse.Namespace) -> int:
     if args.kind == "docker":
-        from .images.docker_image import build_docker_image
+        from .runtimes.docker.image import build_docker_image
 
         print(build_docker_image(force=args.force))
     else:
-        from .images.vm_image import build_vm_image
+        from .runtimes.vm.image import build_vm_image
 
         print(build_vm_image(force=args.force))
     return 0
 
 
 def _image_check(args: argparse.Namespace) -> int:
-    from .images.vm_check import check_image
+    from .runtimes.vm.image_check import check_image
 
     report = check_image(args.path, kernel=args.kernel, initrd=args.initrd)
     print(report)
@@ -102,7 +102,7 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type
     import importlib
 
     found = []
-    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.vm.golden_cli",
+    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.runtimes.vm.golden_cli",
                  "sandbox_kernels.kernelspec_cli"):
         try:
             found.append(importlib.import_module(name).add_parser)

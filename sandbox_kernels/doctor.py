@@ -27,10 +27,10 @@ class RuntimeReport:
 
 def _check_module(name: str) -> Callable[[RuntimeReport], None] | None:
     module = {
-        "docker": "sandbox_kernels.runtimes.docker_doctor",
-        "libvirt": "sandbox_kernels.runtimes.libvirt_doctor",
-        "k8s": "sandbox_kernels.runtimes.k8s_doctor",
-        "ssh": "sandbox_kernels.runtimes.ssh_doctor",
+        "docker": "sandbox_kernels.runtimes.docker.doctor",
+        "libvirt": "sandbox_kernels.runtimes.vm.doctor",
+        "k8s": "sandbox_kernels.runtimes.k8s.doctor",
+        "ssh": "sandbox_kernels.runtimes.ssh.doctor",
     }[name]
     try:
         return importlib.import_module(module).check  # type: ignore[no-any-return]

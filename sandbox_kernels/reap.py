@@ -17,7 +17,7 @@ from typing import Callable
 from . import labels
 from .cache import cache_dir
 from .errors import SandboxError
-from .runtimes.docker_dirs import remove_state_dir
+from .runtimes.docker.dirs import remove_state_dir
 from .settings import default_state_root
 
 
@@ -32,7 +32,7 @@ class Orphan:
 
 
 def _containers() -> list[Orphan]:
-    from .runtimes.docker_engine import DockerEngine
+    from .runtimes.docker.engine import DockerEngine
 
     try:
         engine = DockerEngine(timeout=10)
@@ -50,7 +50,7 @@ def _containers() -> list[Orphan]:
 
 def _domains() -> list[Orphan]:
     try:
-        from .vm.libvirt_conn import LibvirtHost
+        from .runtimes.vm.libvirt_conn import LibvirtHost
 
         host = LibvirtHost()
         names = host.list_domains()
@@ -69,7 +69,7 @@ def _passt(existing: set[str]) -> list[Orphan]:
 
     passt exits when its QEMU does, so these are stuck ones.
     """
-    from .vm import outbound
+    from .runtimes.vm import outbound
 
     return [Orphan("passt", f"pid {pid} (kernel {kid})", lambda pid=pid, kid=kid: outbound.stop_process(pid, kid))
             for pid, kid in outbound.leftover_processes() if kid not in existing]
@@ -83,11 +83,11 @@ def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
     """
     import socket
 
-    from .k8s.manifest import k8s_labels
+    from .runtimes.k8s.manifest import k8s_labels
 
     selector = f"{labels.PREFIX}/kernel-id"
     try:
-        from .k8s.api import KubeAPI
+        from .runtimes.k8s.api import KubeAPI
 
         api = KubeAPI(namespace, kubeconfig, request_timeout=10)
         pods = api.list_pods(selector)
@@ -159,14 +159,14 @@ def find_orphans(min_age: float = 600.0, namespace: str = "", kubeconfig: str = 
 def _existing_sandbox_ids() -> set[str]:
     ids: set[str] = set()
     try:
-        from .runtimes.docker_engine import DockerEngine
+        from .runtimes.docker.engine import DockerEngine
 
         engine = DockerEngine(timeout=10)
         ids |= {(row.get("Labels") or {}).get(labels.KERNEL_ID, "") for row in engine.find()}
     except SandboxError:
         pass
     try:
-        from .vm.libvirt_conn import LibvirtHost
+        from .runtimes.vm.libvirt_conn import LibvirtHost
 
         ids |= {name[len(labels.DOMAIN_PREFIX):] for name in LibvirtHost().list_domains()}
     except SandboxError:

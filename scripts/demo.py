@@ -21,7 +21,7 @@ def installed_kernels() -> set[str]:
 def vm_guest_os() -> str:
     """Which OS "Python (NixOS VM)" booted: the NixOS image, or the Debian CI guest."""
     from sandbox_kernels.images.guest_os import guest_os
-    from sandbox_kernels.runtimes.libvirt import LibvirtProvisioner
+    from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
 
     return guest_os(LibvirtProvisioner(kernel_id="demo", kernel_spec=None).base_image).describe()
 

@@ -172,7 +172,7 @@ def test_exec_status_is_parsed_bounded() -> None:
     """The exec status comes from the pod's side of the stream: an exit code is a short
     number or a SandboxError, never an unbounded int() (issue 10, finding 7)."""
     from sandbox_kernels.errors import SandboxError
-    from sandbox_kernels.k8s.exec_stream import exit_code
+    from sandbox_kernels.runtimes.k8s.exec_stream import exit_code
 
     def status(code: str) -> bytes:
         return json.dumps({"status": "Failure", "message": "command terminated with non-zero exit code",
@@ -191,7 +191,7 @@ def test_exec_status_is_parsed_bounded() -> None:
 def test_setting_checks_match_whole_values() -> None:
     """A trailing newline (which ``re.match(...$)`` accepts) or an endless number is refused."""
     from sandbox_kernels.errors import SandboxConfigError
-    from sandbox_kernels.k8s import checks
+    from sandbox_kernels.runtimes.k8s import checks
 
     assert checks.DNS_LABEL.fullmatch("default") and not checks.DNS_LABEL.fullmatch("default\n")
     for resources in ({"limits": {"memory": "1Gi\n"}}, {"limits": {"cpu": "9" * 5000}}):

@@ -148,7 +148,7 @@ def test_concurrency_limit_queues_a_start_until_a_slot_frees(tmp_path: Path) -> 
     import sys
     import threading
 
-    from sandbox_kernels.vm.slots import slots_dir, try_acquire_slot
+    from sandbox_kernels.runtimes.vm.slots import slots_dir, try_acquire_slot
 
     held = [try_acquire_slot(slots_dir(), 2) for _ in range(2)]
     try:

@@ -180,7 +180,7 @@ async def test_unreachable_libvirtd_says_how_to_start_it(kernelspec_dir: Any, tm
 
 
 def _qemu_pid(domain: str) -> int:
-    from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+    from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
 
     with LibvirtHost() as host:
         pid = host.qemu_pid(domain)
@@ -206,7 +206,7 @@ def test_reap_finds_a_passt_whose_vm_is_gone(tmp_path: Path) -> None:
     import time
 
     from sandbox_kernels import reap
-    from sandbox_kernels.vm import outbound
+    from sandbox_kernels.runtimes.vm import outbound
 
     if shutil.which("passt") is None:
         pytest.fail("passt is not installed (scripts/setup.sh installs it)")

@@ -68,7 +68,7 @@ async def test_a_broken_golden_snapshot_falls_back_to_booting(
         jp_asyncio_loop: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     """A golden overlay QEMU cannot load: the start warns and boots, and nothing leaks."""
-    from sandbox_kernels.vm import golden
+    from sandbox_kernels.runtimes.vm import golden
 
     bad = tmp_path / "root.qcow2"
     bad.write_bytes(b"QFI\xfb" + b"\0" * 4096)  # a qcow2 magic and nothing valid after it
@@ -90,8 +90,8 @@ def test_golden_key_follows_the_configuration(kernelspec_dir: Any) -> None:
     """What a clone must share with its golden VM is in the key; workspaces are not served."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    from sandbox_kernels.runtimes.libvirt import LibvirtProvisioner
-    from sandbox_kernels.vm.domain_xml import DomainSpec
+    from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
+    from sandbox_kernels.runtimes.vm.domain_xml import DomainSpec
 
     spec = KernelSpecManager().get_kernel_spec("sandbox-nixos-vm")
 

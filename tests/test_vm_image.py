@@ -28,15 +28,15 @@ from sandbox_kernels.errors import (
     SandboxTimeout,
     SandboxUnavailable,
 )
-from sandbox_kernels.images.vm_check import throwaway_vm
-from sandbox_kernels.images.vm_image import boot_files, build_vm_image, default_image
+from sandbox_kernels.runtimes.vm.image_check import throwaway_vm
+from sandbox_kernels.runtimes.vm.image import boot_files, build_vm_image, default_image
 from sandbox_kernels.ssh.keys import generate_keypair
-from sandbox_kernels.vm.access import blocking_dirs, ensure_emulator_access
-from sandbox_kernels.vm.accel import choose_domain_type, probe_kvm
-from sandbox_kernels.vm.domain_xml import QEMU_NS, DomainSpec, SnapshotSpec
-from sandbox_kernels.vm.libvirt_conn import LibvirtHost
-from sandbox_kernels.vm.overlay import create_overlay, image_info
-from sandbox_kernels.vm.seed import read_seed, write_seed_disk
+from sandbox_kernels.runtimes.vm.access import blocking_dirs, ensure_emulator_access
+from sandbox_kernels.runtimes.vm.accel import choose_domain_type, probe_kvm
+from sandbox_kernels.runtimes.vm.domain_xml import QEMU_NS, DomainSpec, SnapshotSpec
+from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
+from sandbox_kernels.runtimes.vm.overlay import create_overlay, image_info
+from sandbox_kernels.runtimes.vm.seed import read_seed, write_seed_disk
 
 pytestmark = pytest.mark.vm
 
@@ -319,7 +319,7 @@ def test_libvirt_down_is_an_actionable_error() -> None:
 
 
 def test_outbound_ruleset_rejects_this_machine_for_passts_user_only(tmp_path: Path) -> None:
-    from sandbox_kernels.vm.outbound import TABLE, ruleset
+    from sandbox_kernels.runtimes.vm.outbound import TABLE, ruleset
 
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\nnameserver bogus\n")

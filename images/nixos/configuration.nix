@@ -1,5 +1,5 @@
 # NixOS configuration of the sandbox guest. It keeps the same guest contract as the Debian
-# CI guest (sandbox_kernels/images/guest/sandbox-init):
+# CI guest (sandbox_kernels/guest/sandbox-init):
 #
 #   * the per-VM seed is a tar archive on the virtio disk with serial "sandbox-seed":
 #       ssh_host_ed25519_key  the host key the provisioner pins

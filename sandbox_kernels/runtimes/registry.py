@@ -29,13 +29,13 @@ RUNTIMES: dict[str, Runtime] = {
     r.name: r
     for r in (
         Runtime("docker", "sandbox-docker", "Python (Docker)",
-                "sandbox_kernels.runtimes.docker:DockerProvisioner", "docker"),
+                "sandbox_kernels.runtimes.docker.provisioner:DockerProvisioner", "docker"),
         Runtime("libvirt", "sandbox-nixos-vm", "Python (NixOS VM)",
-                "sandbox_kernels.runtimes.libvirt:LibvirtProvisioner", "libvirt"),
+                "sandbox_kernels.runtimes.vm.provisioner:LibvirtProvisioner", "libvirt"),
         Runtime("k8s", "sandbox-k8s", "Python (Kubernetes)",
-                "sandbox_kernels.runtimes.k8s:KubernetesProvisioner", "kubernetes"),
+                "sandbox_kernels.runtimes.k8s.provisioner:KubernetesProvisioner", "kubernetes"),
         Runtime("ssh", "sandbox-ssh", "Python (SSH host)",
-                "sandbox_kernels.runtimes.ssh:SSHHostProvisioner", "ssh"),
+                "sandbox_kernels.runtimes.ssh.provisioner:SSHHostProvisioner", "ssh"),
     )
 }
 

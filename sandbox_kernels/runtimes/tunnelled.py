@@ -209,7 +209,7 @@ class TunnelledProvisioner(SandboxProvisioner):
     async def _start_preloader(self, tunnel: SSHTunnel, python: str, env: dict[str, str]) -> None:
         """Copy the preloader into the kernel directory and start it with ``python``."""
         rdir = self.remote_dir()
-        script = resources.files(__package__).joinpath("kernel_preloader.py").read_bytes()
+        script = resources.files("sandbox_kernels.guest").joinpath("kernel_preloader.py").read_bytes()
         await self._remote(tunnel.write_file, f"{rdir}/kernel_preloader.py", script, 0o600)
         self._preloader_pid = await self._remote(
             tunnel.start_detached, [python, f"{rdir}/kernel_preloader.py", rdir],

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sandbox_kernels.runtimes.docker_dirs import remove_state_dir
+from sandbox_kernels.runtimes.docker.dirs import remove_state_dir
 
 SESSION_LABEL = "sandbox-kernels.session"
 
@@ -44,7 +44,7 @@ def _docker_images() -> list[str]:
 def _domains() -> list[str]:
     try:
         from sandbox_kernels.errors import SandboxError
-        from sandbox_kernels.vm.libvirt_conn import LibvirtHost
+        from sandbox_kernels.runtimes.vm.libvirt_conn import LibvirtHost
     except ImportError:
         return []
     try:
@@ -76,7 +76,7 @@ def _pods(kind: str = "pods") -> list[str]:
 def _passt() -> list[str]:
     """passt processes (outbound NICs of VMs) of this session's kernels, as "pid kernel-id"."""
     try:
-        from sandbox_kernels.vm.outbound import leftover_processes
+        from sandbox_kernels.runtimes.vm.outbound import leftover_processes
     except ImportError:
         return []
     root = os.environ["SANDBOX_KERNELS_STATE_DIR"].encode()
@@ -127,7 +127,7 @@ def remove_leaks(leaks: dict[str, list[str]]) -> None:
     for path in leaks.get("state", []):
         remove_state_dir(Path(path))  # a Docker kernel's ipc/ tmpfs too
     for entry in leaks.get("passt", []):
-        from sandbox_kernels.vm.outbound import stop_process
+        from sandbox_kernels.runtimes.vm.outbound import stop_process
 
         pid, kernel_id = entry.split(" ", 1)
         stop_process(int(pid), kernel_id)

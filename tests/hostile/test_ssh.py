@@ -303,7 +303,7 @@ async def test_fork_request_environment_never_appears_in_a_command_line(ssh_host
     the key and the environment, travel on stdin."""
     from jupyter_client.kernelspec import KernelSpec
 
-    from sandbox_kernels.runtimes.ssh import SSHHostProvisioner
+    from sandbox_kernels.runtimes.ssh.provisioner import SSHHostProvisioner
 
     secret = f"sk-fork-secret-{uuid.uuid4().hex}".encode()
     spec = KernelSpec(argv=["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],

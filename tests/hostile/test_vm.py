@@ -46,7 +46,7 @@ def _domains() -> list[str]:
 
 
 def _base_image() -> Path:
-    from sandbox_kernels.images.vm_image import default_image
+    from sandbox_kernels.runtimes.vm.image import default_image
 
     return Path(os.environ.get("NIXOS_SANDBOX_BASE_IMAGE") or default_image()).resolve()
 
@@ -236,7 +236,7 @@ async def test_guest_root_with_allow_network_cannot_reach_the_host(kernelspec_di
 
 def _rejected() -> int:
     """Packets the outbound rule has rejected so far."""
-    from sandbox_kernels.vm.outbound import TABLE
+    from sandbox_kernels.runtimes.vm.outbound import TABLE
 
     proc = subprocess.run(["nft", "-j", "list", "table", "inet", TABLE], capture_output=True,
                           text=True, check=True, timeout=30)
@@ -291,8 +291,8 @@ async def test_allow_network_works_from_golden_snapshots_and_through_rollbacks(k
     QEMU, same passt) and a disk rollback (a new QEMU, a new passt); no passt outlives it."""
     import secrets
 
-    from sandbox_kernels.runtimes.libvirt import LibvirtProvisioner
-    from sandbox_kernels.vm import outbound
+    from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
+    from sandbox_kernels.runtimes.vm import outbound
 
     kdir = kernelspec_dir("sandbox-nixos-vm", name="netgold")
     spec = KernelSpecManager(kernel_dirs=[str(kdir)]).get_kernel_spec("netgold")
@@ -382,7 +382,7 @@ async def test_another_users_slot_directory_neither_blocks_nor_redirects_starts(
         before = sorted((p.name, p.lstat().st_uid, p.stat().st_size) for p in theirs.iterdir())
         async with vm_kernel(kernelspec_dir, "slots", queue_timeout=30) as (km, kc):
             assert await _cell(kc, "print(6 * 7)") == "42\n"
-            from sandbox_kernels.vm.slots import slots_dir
+            from sandbox_kernels.runtimes.vm.slots import slots_dir
 
             held = km.provisioner._slot.path
             assert held.parent == slots_dir() and not str(held).startswith(str(shared)), held
@@ -399,7 +399,7 @@ def test_slot_directory_and_locks_must_be_ours(tmp_path: Path) -> None:
     """A slot directory that is a link, another user's, or open to others is refused; so is a
     lock file planted as a link (never followed)."""
     from sandbox_kernels.errors import SandboxUnavailable
-    from sandbox_kernels.vm.slots import try_acquire_slot
+    from sandbox_kernels.runtimes.vm.slots import try_acquire_slot
 
     victim = tmp_path / "victim"
     victim.write_text("keep\n")

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from sandbox_kernels.runtimes.docker_dirs import CONNECTION_FILE, KernelDirs, release_ipc, remove_tree
+from sandbox_kernels.runtimes.docker.dirs import CONNECTION_FILE, KernelDirs, release_ipc, remove_tree
 
 SANDBOX = (1000, 1000)
 

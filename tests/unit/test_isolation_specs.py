@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 
 from sandbox_kernels.errors import SandboxConfigError
-from sandbox_kernels.k8s.manifest import network_policy_manifest, pod_manifest
-from sandbox_kernels.vm.domain_xml import DomainSpec
+from sandbox_kernels.runtimes.k8s.manifest import network_policy_manifest, pod_manifest
+from sandbox_kernels.runtimes.vm.domain_xml import DomainSpec
 
 KERNEL_ID = "5f1c7a4e-0000-4000-8000-000000000001"
 SPEC = DomainSpec(kernel_id=KERNEL_ID, domain_type="qemu", memory_mib=512, vcpus=1,
@@ -87,7 +87,7 @@ def test_network_policy_denies_everything_for_the_kernels_pod() -> None:
 
 def test_refreshing_the_seed_keeps_everything_but_the_random_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from sandbox_kernels.ssh.keys import generate_keypair
-    from sandbox_kernels.vm.seed import read_seed, refresh_random_seed, write_seed_disk
+    from sandbox_kernels.runtimes.vm.seed import read_seed, refresh_random_seed, write_seed_disk
 
     host = generate_keypair("host")
     path = write_seed_disk(tmp_path / "seed.img", host.private_openssh, "ssh-ed25519 AAAA test\n",

@@ -81,7 +81,7 @@ def test_what_the_admin_allows_a_kernelspec_may_use(admin: dict, spec: dict) -> 
 
 
 def test_the_admins_environment_counts_as_admin(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sandbox_kernels.runtimes.libvirt import LibvirtProvisioner
+    from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
 
     monkeypatch.setenv("NIXOS_SANDBOX_ENABLED", "false")
     with pytest.raises(SandboxConfigError, match="NIXOS_SANDBOX_ENABLED"):

@@ -78,7 +78,7 @@ async def test_sizes_a_runtime_does_not_report_are_bound_by_count() -> None:
 
 
 def test_settings_from_the_environment_and_their_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sandbox_kernels.runtimes.docker import DockerProvisioner
+    from sandbox_kernels.runtimes.docker.provisioner import DockerProvisioner
 
     monkeypatch.setenv("SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES", "2g")
     monkeypatch.setenv("SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT", "3")

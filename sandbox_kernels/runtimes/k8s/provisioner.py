@@ -1,0 +1,406 @@
+"""Kubernetes runtime: one pod per kernel (kernel name ``sandbox-k8s``).
+
+The pod runs a tiny init as the image's unprivileged user, locked down (non-root, no
+capabilities, no privilege escalation, the runtime's default seccomp profile, no service
+account token unless asked, a deny-all NetworkPolicy unless ``allow_network``, a bounded
+``ephemeral-storage``). The kernel is started in it by exec, binds its ZMQ ports on the
+pod's 127.0.0.1 (ports of its own choosing, read back from its connection file), and is
+reached through the API server's pod port-forward (the path of ``kubectl port-forward``):
+local listeners (unix sockets in the kernel's state directory, or 127.0.0.1 ports) keep the
+connection info's endpoints for the kernel's lifetime, and every connection made to them
+opens its own stream, so a dropped stream is re-established by the next connection. Exec
+output is bounded (:mod:`..k8s.exec_stream`). Interrupts are signals sent by exec; a restart
+replaces the kernel process and keeps the pod; shutdown deletes the pod with a grace period of 0.
+
+Every Kubernetes call blocks, so each runs off the event loop (``to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from traitlets import Bool, Dict, Enum, Float, List, Unicode, validate
+
+from ...aio import to_thread
+from ...client_sockets import ClientSockets, transport_trait
+from ...errors import (
+    SandboxConfigError,
+    SandboxConnectionError,
+    SandboxError,
+    SandboxNotFound,
+    SandboxStartError,
+    SandboxTimeout,
+)
+from . import checks
+from .api import KubeAPI
+from .forward import PortForwarder
+from .manifest import k8s_labels, network_policy_manifest, pod_manifest
+from .pod_status import container_running, start_problem, unschedulable
+from .process import PodProcess
+from ...labels import PREFIX
+from ...provisioning.base import SandboxProvisioner
+from ...settings import env_default
+
+DEFAULT_IMAGE = "sandbox-kernels/python:latest"
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+KERNEL_DIR = "/tmp/sandbox-kernel"
+LABEL_SELECTOR_KEY = f"{PREFIX}/kernel-id"
+_MAX_CONNECTION_FILE = 64 << 10  # read from the pod: more is not a connection file
+
+
+class KubernetesProvisioner(SandboxProvisioner):
+    """Runs the kernel in a Kubernetes pod."""
+
+    runtime = "k8s"
+    kernel_name = "sandbox-k8s"
+
+    kubeconfig = Unicode("", config=True,
+                         help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config; in a pod, "
+                         "its service account). Env: SANDBOX_K8S_KUBECONFIG.").tag(widen="admin")
+    _kubeconfig_default = env_default("kubeconfig", "SANDBOX_K8S_KUBECONFIG")
+    context = Unicode("", config=True, help="kubeconfig context (default: the current one). "
+                      "Env: SANDBOX_K8S_CONTEXT.").tag(widen="admin")
+    _context_default = env_default("context", "SANDBOX_K8S_CONTEXT")
+    namespace = Unicode("default", config=True, help="Namespace of the kernel pods. "
+                        "Env: SANDBOX_K8S_NAMESPACE.").tag(widen="admin")
+    _namespace_default = env_default("namespace", "SANDBOX_K8S_NAMESPACE")
+    image = Unicode(DEFAULT_IMAGE, config=True,
+                    help="Image with python3, ipykernel and a user of uid 1000. Env: SANDBOX_K8S_IMAGE.")
+    _image_default = env_default("image", "SANDBOX_K8S_IMAGE")
+    image_pull_policy = Enum(["Always", "IfNotPresent", "Never"], "IfNotPresent", config=True,
+                             help="The pod's imagePullPolicy. Env: SANDBOX_K8S_IMAGE_PULL_POLICY.")
+    _image_pull_policy_default = env_default("image_pull_policy", "SANDBOX_K8S_IMAGE_PULL_POLICY")
+    resources = Dict(
+        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        config=True,
+        help="The container's resources: {'requests': {'cpu': ..., 'memory': ...}, 'limits': {...}} "
+        "in Kubernetes quantities ('500m', '2Gi').")
+    node_selector = Dict(config=True, help="Node labels the pod must be scheduled on.").tag(widen="admin")
+    tolerations = List(Dict(), config=True,
+                       help="Tolerations, as Kubernetes writes them ({'key', 'operator', 'value', 'effect'}).").tag(widen="admin")
+    service_account = Unicode("", config=True, help="The pod's service account (default: the "
+                              "namespace's 'default').").tag(widen="admin")
+    automount_service_account_token = Bool(False, config=True,
+                                           help="Mount the service account's token in the pod "
+                                           "(off: the kernel gets no cluster credentials).").tag(widen="true")
+    python = Unicode("python3", config=True, help="Python in the image (runs the pod's init and "
+                     "the kernel).")
+    schedule_timeout = Float(10.0, config=True,
+                             help="Seconds a pod may stay unschedulable before the launch fails with "
+                             "the scheduler's reason (raise it where a cluster autoscaler adds nodes).")
+    request_timeout = Float(30.0, config=True, help="Seconds for each Kubernetes API request.")
+    allow_network = Bool(False, config=True,
+                         help="Let the pod send and receive network traffic. Off: a deny-all "
+                         "NetworkPolicy (ingress and egress) is created with the pod (enforced "
+                         "where the cluster's network plugin enforces NetworkPolicies). "
+                         "Env: SANDBOX_K8S_ALLOW_NETWORK.").tag(widen="true")
+    _allow_network_default = env_default("allow_network", "SANDBOX_K8S_ALLOW_NETWORK")
+    ephemeral_storage = Unicode("2Gi", config=True,
+                                help="The kernel container's ephemeral-storage limit (files it "
+                                "writes, its logs; past it the kubelet evicts the pod), unless "
+                                "resources.limits sets one; '' for none. "
+                                "Env: SANDBOX_K8S_EPHEMERAL_STORAGE.")
+    _ephemeral_storage_default = env_default("ephemeral_storage", "SANDBOX_K8S_EPHEMERAL_STORAGE")
+    transport = transport_trait()
+    _transport_default = env_default("transport", "SANDBOX_KERNELS_TRANSPORT")
+
+    @validate("namespace")
+    def _check_namespace(self, proposal: dict[str, Any]) -> str:
+        if not checks.DNS_LABEL.fullmatch(proposal["value"]):
+            raise SandboxConfigError(f"namespace={proposal['value']!r} is not a namespace name "
+                                     "(lowercase letters, digits and '-').")
+        return str(proposal["value"])
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._api: KubeAPI | None = None
+        self._forwarder: PortForwarder | None = None
+        self._sockets: ClientSockets | None = None
+        self.pid: int | None = None
+        self._remote_ports: dict[str, int] = {}
+
+    # -- settings -----------------------------------------------------------------------------
+
+    def validate_settings(self) -> None:
+        """Check names, quantities, selectors and tolerations before anything is created."""
+        super().validate_settings()
+        if not self.image or any(c.isspace() for c in self.image):
+            raise SandboxConfigError(f"image={self.image!r} is not an image reference.")
+        if not self.python or any(c.isspace() for c in self.python):
+            raise SandboxConfigError(f"python={self.python!r} must be one program path.")
+        if self.service_account and not checks.DNS_SUBDOMAIN.fullmatch(self.service_account):
+            raise SandboxConfigError(f"service_account={self.service_account!r} is not a valid name.")
+        checks.check_resources(self.resources)
+        if self.ephemeral_storage and not checks.QUANTITY.fullmatch(self.ephemeral_storage):
+            raise SandboxConfigError(f"ephemeral_storage={self.ephemeral_storage!r} is not a Kubernetes "
+                                     "quantity (e.g. '2Gi'); '' for no limit.")
+        checks.check_node_selector(self.node_selector)
+        checks.check_tolerations(self.tolerations)
+        if not checks.DNS_SUBDOMAIN.fullmatch(self.pod_name):
+            raise SandboxConfigError(f"kernel id {self.kernel_id!r} cannot name a pod "
+                                     "(lowercase letters, digits and '-' only).")
+
+    @property
+    def pod_name(self) -> str:
+        """The pod's name: ``sandbox-kernels-<kernel id>``."""
+        return self.sandbox_name
+
+    def _process(self) -> PodProcess:
+        assert self._api is not None
+        return PodProcess(self._api, self.pod_name)
+
+    async def _ensure_api(self) -> KubeAPI:
+        if self._api is None:
+            self._api = await to_thread(KubeAPI, self.namespace, self.kubeconfig, self.context,
+                                        self.request_timeout)
+        return self._api
+
+    # -- lifecycle hooks ----------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Run the configured Python in the pod instead of the kernelspec's ``python3``."""
+        kwargs = await super().pre_launch(**kwargs)
+        kwargs["cmd"][0] = self.python
+        return kwargs
+
+    def configure_transport(self, km: Any) -> None:
+        """Unix sockets in the state directory (or TCP on 127.0.0.1, see ``transport``), bound
+        now and kept for the kernel's lifetime (see :mod:`..client_sockets`)."""
+        if self._sockets is None:
+            self._sockets = ClientSockets(self.transport, self.state_dir)
+        self._sockets.assign(km, self._local_ports)
+
+    async def create_sandbox(self) -> None:
+        """Create the pod (after its deny-all NetworkPolicy unless ``allow_network``) and wait
+        until its container runs (or fail with the pod's reason)."""
+        api = await self._ensure_api()
+        cluster = await to_thread(api.cluster_info)
+        labels = k8s_labels(self.labels)
+        if not self.allow_network:
+            policy = network_policy_manifest(name=self.pod_name, labels=labels, kernel_label=LABEL_SELECTOR_KEY)
+            await to_thread(api.create_network_policy, policy)
+        manifest = pod_manifest(
+            name=self.pod_name,
+            labels=labels,
+            image=self.image,
+            image_pull_policy=self.image_pull_policy,
+            python=self.python,
+            resources=self.resources,
+            node_selector=self.node_selector,
+            tolerations=self.tolerations,
+            service_account=self.service_account,
+            automount_token=self.automount_service_account_token,
+            seccomp=cluster.seccomp_field,
+            ephemeral_storage=self.ephemeral_storage,
+        )
+        self.log.info("Creating pod %s/%s (image %s)", self.namespace, self.pod_name, self.image)
+        await to_thread(api.create_pod, manifest)
+        await self._wait_running()
+        self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+
+    def _open_stream(self, port: int) -> Any:
+        assert self._api is not None
+        return self._api.open_port_forward(self.pod_name, port)
+
+    async def _wait_running(self) -> None:
+        api = self._api
+        assert api is not None
+        unschedulable_since: float | None = None
+        while True:
+            pod = await to_thread(api.read_pod, self.pod_name)
+            if pod is None:
+                raise SandboxStartError(f"pod {self.pod_name} disappeared while starting.")
+            problem = start_problem(pod)
+            if problem:
+                raise SandboxStartError(f"pod {self.pod_name} cannot start: {problem}"
+                                        f"{await self._events_text()}")
+            if container_running(pod):
+                return
+            reason = unschedulable(pod)
+            if reason:
+                unschedulable_since = unschedulable_since or time.monotonic()
+                if time.monotonic() - unschedulable_since >= self.schedule_timeout:
+                    raise SandboxStartError(f"pod {self.pod_name} cannot be scheduled: {reason}")
+            await asyncio.sleep(0.3)
+
+    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
+        """Write a connection file with port 0 (the kernel picks its ports) and start the
+        kernel detached in the pod."""
+        await self._ensure_api()
+        info = self.sandbox_connection_info()
+        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
+        process = self._process()
+        await to_thread(process.run, ["mkdir", "-p", "-m", "700", KERNEL_DIR])
+        await to_thread(process.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"])
+        await to_thread(process.write_file, self.sandbox_connection_file(), json.dumps(info).encode())
+        self.pid = await to_thread(process.start_detached, cmd, self._log_path, env)
+        self._remote_ports = {}
+
+    def sandbox_connection_file(self) -> str:
+        """The connection file in the pod."""
+        return f"{KERNEL_DIR}/connection.json"
+
+    @property
+    def _log_path(self) -> str:
+        return f"{KERNEL_DIR}/kernel.log"
+
+    async def wait_ready(self) -> None:
+        """Wait for the kernel to write its ports, then point the local forwards at them."""
+        process = self._process()
+        assert self.pid is not None
+        deadline = time.monotonic() + self.launch_timeout
+        while time.monotonic() < deadline:
+            result = await to_thread(process.run, ["head", "-c", str(_MAX_CONNECTION_FILE),
+                                                   self.sandbox_connection_file()])
+            ports = _ports(result.stdout)
+            if ports:
+                self._point_forwards(ports)
+                return
+            status = await to_thread(process.status, self.pid, self._log_path)
+            if status.state != "running":
+                raise SandboxStartError(
+                    f"the kernel exited during start-up (exit code {status.exit_code}). "
+                    f"Kernel log:\n{await to_thread(process.tail, self._log_path)}")
+            await asyncio.sleep(0.2)
+        raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
+
+    def _point_forwards(self, ports: dict[str, int]) -> None:
+        if self._forwarder is None:
+            self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+        if self._sockets is None:  # re-attached from saved state
+            self._sockets = ClientSockets(self.transport, self.state_dir)
+        for ch in CHANNELS:
+            local = int(self.connection_info[f"{ch}_port"])
+            sock = None if local in self._forwarder.forwards else self._sockets.claim(local)
+            self._forwarder.forward(local, ports[ch], sock)
+        if self._remote_ports and self._remote_ports != ports:
+            self._forwarder.drop_connections()  # still carried to the previous kernel
+        self._remote_ports = ports
+
+    async def kernel_exit_code(self) -> int | None:
+        """The pod's phase and container state first, then the kernel process itself."""
+        if self.pid is None:
+            return -1
+        api = await self._ensure_api()
+        try:
+            pod = await to_thread(api.read_pod, self.pod_name)
+        except SandboxConnectionError as e:
+            self.log.warning("Kernel %s: API server unreachable (%s); assuming alive", self.kernel_id, e)
+            return None
+        if pod is None or pod.metadata.deletion_timestamp is not None:
+            return -1
+        if pod.status.phase in ("Failed", "Succeeded") or not container_running(pod):
+            return -1
+        if self._forwarder is None and self._remote_ports:  # re-attached from saved state
+            self._point_forwards(self._remote_ports)
+        try:
+            status = await to_thread(self._process().status, self.pid, self._log_path, 15)
+        except (SandboxConnectionError, SandboxTimeout) as e:
+            self.log.warning("Kernel %s: exec into the pod failed (%s)", self.kernel_id, e)
+            return None
+        if status.state == "running":
+            return None
+        return status.exit_code if status.exit_code is not None else -1
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Signal the kernel's process group in the pod (by exec); a gone pod has nothing to
+        signal."""
+        if self._api is not None and self.pid is not None:
+            try:
+                await to_thread(self._process().signal, self.pid, signum)
+            except SandboxNotFound:
+                self.log.debug("Kernel %s: pod %s is gone; no signal sent", self.kernel_id, self.pod_name)
+
+    async def stop_kernel(self) -> None:
+        """Kill the kernel before a restart in the same pod and wait until it is gone."""
+        if self._api is None or self.pid is None:
+            return
+        if self._forwarder is not None:  # close the streams first, while their far end is alive
+            await to_thread(self._forwarder.drop_connections)
+        process = self._process()
+        try:
+            await to_thread(process.signal, self.pid, 9)
+            for _ in range(50):
+                if (await to_thread(process.status, self.pid, self._log_path)).state != "running":
+                    break
+                await asyncio.sleep(0.1)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not stop the kernel process: %s", self.kernel_id, e)
+
+    async def destroy_sandbox(self) -> None:
+        """Close the forwards and delete the pod (grace period 0); wait until it is gone."""
+        if self._forwarder is not None:
+            await to_thread(self._forwarder.close)
+            self._forwarder = None
+        if self._sockets is not None:
+            self._sockets.release()
+            self._sockets = None
+        self.pid = None
+        try:
+            api = await self._ensure_api()  # a re-attached kernel may not have a client yet
+        except SandboxError as e:
+            self.log.warning("Kernel %s: cannot reach the cluster to delete pod %s: %s",
+                             self.kernel_id, self.pod_name, e)
+            return
+        self._api = None
+        try:
+            await to_thread(api.delete_pod, self.pod_name, 0)
+            for _ in range(100):
+                if await to_thread(api.read_pod, self.pod_name) is None:
+                    break
+                await asyncio.sleep(0.1)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not delete pod %s: %s", self.kernel_id, self.pod_name, e)
+        try:
+            await to_thread(api.delete_network_policy, self.pod_name)
+        except SandboxError as e:
+            self.log.warning("Kernel %s: could not delete network policy %s: %s", self.kernel_id,
+                             self.pod_name, e)
+        finally:
+            await to_thread(api.close)
+
+    async def diagnostics(self) -> str:
+        """The pod's events and the kernel log's tail."""
+        parts = [await self._events_text()]
+        if self._api is not None and self.pid is not None:
+            tail = await to_thread(self._process().tail, self._log_path)
+            if tail.strip():
+                parts.append(f"Kernel log:\n{tail}")
+        return "\n".join(p for p in parts if p)
+
+    async def _events_text(self) -> str:
+        if self._api is None:
+            return ""
+        try:
+            events = await to_thread(self._api.pod_events, self.pod_name)
+        except SandboxError:
+            return ""
+        return ("\nPod events:\n  " + "\n  ".join(events[-10:])) if events else ""
+
+    def runtime_state(self) -> dict[str, Any]:
+        """Pod, namespace, kernel pid and pod ports (for re-attaching)."""
+        return {"pod": self.pod_name, "namespace": self.namespace, "pid": self.pid,
+                "remote_ports": self._remote_ports}
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`runtime_state`."""
+        self.pid = state.get("pid")
+        self._remote_ports = state.get("remote_ports", {})
+        if state.get("namespace"):
+            self.namespace = state["namespace"]
+
+
+def _ports(raw: bytes) -> dict[str, int] | None:
+    try:
+        info = json.loads(raw or b"{}")
+    except ValueError:
+        return None  # being rewritten by the kernel right now
+    if not isinstance(info, dict):
+        return None
+    ports = {ch: info.get(f"{ch}_port") for ch in CHANNELS}
+    if all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports.values()):
+        return ports
+    return None

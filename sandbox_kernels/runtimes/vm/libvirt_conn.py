@@ -1,0 +1,492 @@
+"""A small, typed wrapper around libvirt-python for sandbox domains.
+
+:class:`LibvirtHost` is the only place that touches ``libvirt`` objects and the only place that
+catches ``libvirt.libvirtError``: each method translates it into our error tree with a message
+a person can act on. Every call blocks; async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from ...errors import (
+    SandboxError,
+    SandboxNotFound,
+    SandboxStartError,
+    SandboxTimeout,
+    SandboxUnavailable,
+)
+from ...labels import DOMAIN_PREFIX
+from ...settings import check_name
+from ..registry import require
+from .domain_xml import METADATA_NS, DomainSpec, SnapshotSpec, read_metadata
+
+log = logging.getLogger("sandbox_kernels.vm")
+
+DEFAULT_URI = "qemu:///system"
+_START_DAEMONS = "start it: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)"
+_QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+class LibvirtHost:
+    """A connection to a libvirt daemon, with the few operations sandboxes need.
+
+    Use as a context manager or call :meth:`close`. The connection opens on first use.
+    """
+
+    def __init__(self, uri: str = DEFAULT_URI) -> None:
+        self.uri = uri
+        self._conn: Any = None
+
+    # -- connection ------------------------------------------------------------------------
+
+    def __enter__(self) -> LibvirtHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _libvirt(self) -> Any:
+        return require("libvirt", "libvirt")
+
+    def connect(self) -> Any:
+        """Open the connection (once).
+
+        Raises:
+            SandboxUnavailable: libvirt-python is missing, or libvirtd does not answer.
+        """
+        if self._conn is not None:
+            return self._conn
+        libvirt = self._libvirt
+        libvirt.registerErrorHandler(_quiet, None)  # errors become exceptions, not stderr noise
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise SandboxUnavailable(
+                f"cannot connect to libvirt at {self.uri}: {_message(e)}. Is libvirtd running? "
+                f"{_START_DAEMONS}."
+            ) from e
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, name: str = "") -> Iterator[None]:
+        """Translate ``libvirtError`` raised inside the block into our error tree."""
+        libvirt = self._libvirt
+        try:
+            yield
+        except libvirt.libvirtError as e:
+            raise self._translate(e, what, name) from e
+
+    def _translate(self, e: Any, what: str, name: str) -> SandboxError:
+        libvirt = self._libvirt
+        code = e.get_error_code()
+        text = f"{what}{f' ({name})' if name else ''}: {_message(e)}"
+        if code == libvirt.VIR_ERR_NO_DOMAIN:
+            return SandboxNotFound(f"{text}. The VM is gone (destroyed outside sandbox-kernels?).")
+        if code == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            return SandboxNotFound(f"{text}. List snapshots to see which exist.")
+        if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+            return SandboxTimeout(f"{text}. libvirtd or QEMU is busy; retry.")
+        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR) and \
+                e.get_error_domain() == libvirt.VIR_FROM_RPC:
+            self.close()
+            return SandboxUnavailable(f"{text}. Lost libvirtd; {_START_DAEMONS}.")
+        if code == libvirt.VIR_ERR_OPERATION_INVALID:
+            return SandboxError(f"{text}. The VM is not in a state that allows this.")
+        return SandboxError(text)
+
+    # -- domains ---------------------------------------------------------------------------
+
+    def start(self, spec: DomainSpec, paused: bool = False) -> str:
+        """Create and start the domain described by ``spec`` (``paused``: QEMU runs, the guest not).
+
+        A transient domain (the default) disappears when it stops; a persistent one
+        (``spec.persistent``) is defined first and undefined again if it fails to start.
+
+        Returns:
+            The domain name.
+
+        Raises:
+            SandboxConfigError: a bad value in ``spec``.
+            SandboxStartError: libvirt or QEMU refused to start it (the message says why).
+            SandboxUnavailable: libvirtd is not reachable.
+        """
+        xml = spec.to_xml()
+        conn = self.connect()
+        libvirt = self._libvirt
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        try:
+            if spec.persistent:
+                dom = conn.defineXML(xml)
+                try:
+                    dom.createWithFlags(flags)
+                except libvirt.libvirtError:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.undefineFlags(_undefine_flags(libvirt))
+                    raise
+            else:
+                conn.createXML(xml, flags)
+        except libvirt.libvirtError as e:
+            error = self._translate(e, "starting the VM", spec.name)
+            if type(error) is SandboxError:
+                error = SandboxStartError(f"{error}{_access_hint(_message(e))}")
+            raise error from e
+        return spec.name
+
+    def state(self, name: str) -> str:
+        """The domain's state: ``running``, ``paused``, ``shutoff``, ``crashed``, ``other`` or
+        ``missing``.
+
+        Raises:
+            SandboxUnavailable: libvirtd is not reachable.
+        """
+        dom = self._lookup(name, missing_ok=True)
+        if dom is None:
+            return "missing"
+        libvirt = self._libvirt
+        with self._errors("reading the VM state", name):
+            try:
+                code = dom.state()[0]
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return "missing"  # went away between lookup and state
+                raise
+        return {
+            libvirt.VIR_DOMAIN_RUNNING: "running",
+            libvirt.VIR_DOMAIN_BLOCKED: "running",
+            libvirt.VIR_DOMAIN_PAUSED: "paused",
+            libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+            libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+            libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+            libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        }.get(code, "other")
+
+    def destroy(self, name: str) -> bool:
+        """Stop the domain at once (if running) and undefine it with its snapshot metadata.
+
+        Returns:
+            Whether there was a domain to remove.
+
+        Raises:
+            SandboxUnavailable: libvirtd is not reachable.
+            SandboxError: libvirt refused (the message says why).
+        """
+        libvirt = self._libvirt
+        dom = self._lookup(name, missing_ok=True)
+        if dom is None:
+            return False
+        with self._errors("destroying the VM", name):
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefineFlags(_undefine_flags(libvirt))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return True
+
+    def list_domains(self, prefix: str = DOMAIN_PREFIX) -> list[str]:
+        """Names of all domains (running or defined) whose name starts with ``prefix``.
+
+        Raises:
+            SandboxUnavailable: libvirtd is not reachable.
+        """
+        conn = self.connect()
+        with self._errors("listing VMs"):
+            return sorted(d.name() for d in conn.listAllDomains(0) if d.name().startswith(prefix))
+
+    def labels(self, name: str) -> dict[str, str]:
+        """The labels stored in the domain's ``<metadata>`` (``{}`` if it has none).
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        libvirt = self._libvirt
+        dom = self._lookup(name)
+        with self._errors("reading the VM metadata", name):
+            try:
+                text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return {}
+                raise
+        return read_metadata(text)
+
+    def xml(self, name: str) -> str:
+        """The live XML of the domain (for diagnostics and tests).
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("reading the VM XML", name):
+            return str(dom.XMLDesc(0))
+
+    def qemu_pid(self, name: str) -> int | None:
+        """The PID of the domain's QEMU process, or ``None`` if it is not running."""
+        if self.state(name) not in ("running", "paused"):
+            return None
+        pidfile = Path("/run/libvirt/qemu") / f"{name}.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if _is_qemu_of(pid, name):
+                return pid
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _is_qemu_of(int(entry.name), name):
+                return int(entry.name)
+        return None
+
+    def emulator_identity(self) -> tuple[int, list[int]]:
+        """The uid and gids QEMU runs as on this connection (to check it can read the files).
+
+        ``qemu:///session`` runs QEMU as the caller; ``qemu:///system`` as the ``user`` and
+        ``group`` of ``/etc/libvirt/qemu.conf`` (Debian's default ``libvirt-qemu``).
+        """
+        if "session" in self.uri:
+            return os.getuid(), os.getgroups() + [os.getgid()]
+        user, group = _qemu_conf_identity()
+        try:
+            entry = pwd.getpwnam(user) if not user.startswith("+") else pwd.getpwuid(int(user[1:]))
+        except (KeyError, ValueError):
+            return 0, [0]
+        gid = entry.pw_gid
+        # libvirt's built-in default group is the user's name (Debian: libvirt-qemu).
+        with contextlib.suppress(KeyError, ValueError):
+            gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group or user).gr_gid
+        gids = {gid, entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+        return entry.pw_uid, sorted(gids)
+
+    def restart_xml(self, name: str) -> str:
+        """The domain's XML in the form that recreates it (``VIR_DOMAIN_XML_MIGRATABLE``).
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("reading the VM XML", name):
+            return str(dom.XMLDesc(self._libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+
+    def start_xml(self, name: str, xml: str) -> None:
+        """Start a transient domain from ``xml`` (as :meth:`restart_xml` returned it).
+
+        Raises:
+            SandboxStartError: libvirt or QEMU refused to start it.
+            SandboxUnavailable: libvirtd is not reachable.
+        """
+        conn = self.connect()
+        try:
+            conn.createXML(xml, 0)
+        except self._libvirt.libvirtError as e:
+            error = self._translate(e, "starting the VM again", name)
+            if type(error) is SandboxError:
+                error = SandboxStartError(f"{error}{_access_hint(_message(e))}")
+            raise error from e
+
+    def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on the domain's QEMU and return its ``return`` value.
+
+        For what libvirt does not offer on a running domain (internal disk-only snapshots).
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: QEMU refused the command (its message is included).
+        """
+        qemu = require("libvirt_qemu", "libvirt")
+        dom = self._lookup(name)
+        request = json.dumps({"execute": command, "arguments": arguments or {}})
+        with self._errors(f"QEMU command {command}", name):
+            reply = json.loads(qemu.qemuMonitorCommand(dom, request, 0))
+        if "error" in reply:
+            raise SandboxError(f"QEMU command {command} ({name}): {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot_create(self, name: str, snapshot: str, memory: bool = True,
+                        description: str = "") -> None:
+        """Take an internal snapshot of domain ``name`` (with its memory if ``memory``).
+
+        Raises:
+            SandboxConfigError: a bad snapshot name.
+            SandboxNotFound: no such domain.
+            SandboxError: libvirt or QEMU refused (e.g. a disk-only snapshot of a running VM).
+        """
+        xml = SnapshotSpec(snapshot, memory=memory, description=description).to_xml()
+        dom = self._lookup(name)
+        libvirt = self._libvirt
+        with self._errors(f"taking snapshot {snapshot!r}", name):
+            dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+
+    def snapshot_revert(self, name: str, snapshot: str) -> None:
+        """Revert running domain ``name`` to its memory snapshot ``snapshot`` and run it.
+
+        The snapshot is loaded into the domain's own QEMU (:meth:`load_snapshot`): libvirt's
+        revert would start a new QEMU process for it, about 2.5 s more under TCG.
+
+        Raises:
+            SandboxNotFound: no such domain or snapshot.
+            SandboxError: QEMU could not load it.
+        """
+        dom = self._lookup(name)
+        with self._errors(f"reverting to snapshot {snapshot!r}", name):
+            dom.snapshotLookupByName(snapshot, 0)
+        self.load_snapshot(name, snapshot)
+        if self.state(name) == "paused":
+            self.resume(name)
+
+    def resume(self, name: str) -> None:
+        """Run a paused domain.
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("resuming the VM", name):
+            dom.resume()
+
+    def load_snapshot(self, name: str, snapshot: str) -> None:
+        """Load the internal snapshot ``snapshot`` (with memory) in domain ``name``'s QEMU.
+
+        The snapshot need not be known to libvirt (a golden snapshot in a cloned overlay). A
+        running domain runs on from the snapshot; a paused one stays paused.
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: QEMU could not load it (its message is included).
+        """
+        output = self.qmp(name, "human-monitor-command",
+                          {"command-line": f"loadvm {check_name(snapshot, 'snapshot name')}"})
+        if str(output or "").strip():
+            raise SandboxError(f"QEMU could not load snapshot {snapshot!r} of {name}: {str(output).strip()}")
+
+    def snapshot_delete(self, name: str, snapshot: str) -> None:
+        """Delete ``snapshot`` of domain ``name``.
+
+        Raises:
+            SandboxNotFound: no such domain or snapshot.
+        """
+        dom = self._lookup(name)
+        with self._errors(f"deleting snapshot {snapshot!r}", name):
+            dom.snapshotLookupByName(snapshot, 0).delete(0)
+
+    def snapshot_xmls(self, name: str) -> list[str]:
+        """Each snapshot's metadata XML, oldest first, for :meth:`snapshot_redefine`.
+
+        A transient domain's snapshot metadata goes with the domain; the snapshots themselves
+        stay in the qcow2 files.
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("reading snapshot metadata", name):
+            snaps = sorted(dom.listAllSnapshots(0), key=_creation_time)
+            return [str(s.getXMLDesc(self._libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)) for s in snaps]
+
+    def snapshot_redefine(self, name: str, xmls: list[str]) -> None:
+        """Give domain ``name`` back the snapshot metadata :meth:`snapshot_xmls` returned.
+
+        Raises:
+            SandboxNotFound: no such domain.
+            SandboxError: libvirt refused the metadata.
+        """
+        dom = self._lookup(name)
+        libvirt = self._libvirt
+        with self._errors("restoring snapshot metadata", name):
+            for xml in xmls:
+                dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+
+    def snapshot_list(self, name: str) -> list[str]:
+        """Snapshot names of domain ``name``, oldest first.
+
+        Raises:
+            SandboxNotFound: no such domain.
+        """
+        dom = self._lookup(name)
+        with self._errors("listing snapshots", name):
+            snaps = dom.listAllSnapshots(0)
+            return [s.getName() for s in sorted(snaps, key=_creation_time)]
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _lookup(self, name: str, missing_ok: bool = False) -> Any:
+        conn = self.connect()
+        libvirt = self._libvirt
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if missing_ok and e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise self._translate(e, "looking up the VM", name) from e
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt error handler that prints nothing (errors arrive as exceptions)."""
+
+
+def _message(e: Any) -> str:
+    return str(e.get_error_message() or e).strip()
+
+
+def _undefine_flags(libvirt: Any) -> int:
+    return int(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+               | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
+
+def _access_hint(message: str) -> str:
+    if "Permission denied" in message or "Cannot access storage file" in message:
+        return (". QEMU runs as another user under qemu:///system and must be able to reach "
+                "every directory above the images; see NIXOS_EPHEMERAL_VM_IMAGES_DIR.")
+    return ""
+
+
+def _creation_time(snap: Any) -> int:
+    match = re.search(r"<creationTime>(\d+)</creationTime>", snap.getXMLDesc(0))
+    return int(match.group(1)) if match else 0
+
+
+def _is_qemu_of(pid: int, name: str) -> bool:
+    """Whether process ``pid`` is the QEMU of domain ``name`` (``-name guest=<name>,...``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    wanted = f"guest={name}".encode()
+    return b"qemu" in argv[0] and any(a == wanted or a.startswith(wanted + b",") for a in argv)
+
+
+def _qemu_conf_identity() -> tuple[str, str]:
+    """``(user, group)`` from qemu.conf, defaulting to Debian's ``libvirt-qemu``."""
+    user, group = "", ""
+    with contextlib.suppress(OSError):
+        for line in _QEMU_CONF.read_text().splitlines():
+            match = re.match(r'^\s*(user|group)\s*=\s*"([^"]*)"', line)
+            if match:
+                if match.group(1) == "user":
+                    user = match.group(2)
+                else:
+                    group = match.group(2)
+    if not user:
+        for candidate in ("libvirt-qemu", "qemu"):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(candidate)
+                user = candidate
+                break
+    return user or "root", group

@@ -1,0 +1,109 @@
+"""``NIXOS_MAX_CONCURRENT_VMS`` as a queue: VM slots are lock files shared by all processes of a user.
+
+A kernel holds one slot (an exclusive ``flock`` on ``slot-<n>.lock``) for its VM's lifetime;
+the kernel that finds every slot taken waits and says so in the log. Locks vanish with their
+process, so a crashed server never leaks a slot.
+
+The lock files live in a directory of the user's own (:func:`slots_dir`), never in a shared
+one: another local user must not be able to take the slots, block them, or plant links there.
+The directory must belong to us and be closed to others, and the lock files are opened
+relative to it without following links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+from ...cache import cache_dir
+from ...errors import SandboxTimeout, SandboxUnavailable
+from ...private_dirs import open_private_dir
+
+
+def slots_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/sandbox-kernels-vm-slots`` when that is set, else ``cache_dir()/vm-slots``
+    (both the user's own, never ``/tmp``)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "sandbox-kernels-vm-slots"
+    return cache_dir() / "vm-slots"
+
+
+class VMSlot:
+    """One held slot; :meth:`release` (idempotent) frees it."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        """Free the slot."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def try_acquire_slot(directory: Path, limit: int) -> VMSlot | None:
+    """Take one of ``limit`` slots in ``directory`` if one is free, without waiting.
+
+    Raises:
+        SandboxUnavailable: the directory or a lock file in it is not ours alone (see
+            :func:`open_private_dir`).
+    """
+    dir_fd = open_private_dir(directory, "the VM slot directory",
+                              "Set XDG_RUNTIME_DIR to a private directory.")
+    try:
+        for n in range(limit):
+            name = f"slot-{n}.lock"
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             0o600, dir_fd=dir_fd)
+            except OSError as e:
+                raise SandboxUnavailable(
+                    f"VM slot lock {directory / name} cannot be opened ({e.strerror or e}); "
+                    "remove it.") from e
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise SandboxUnavailable(f"VM slot lock {directory / name} is not a regular file; remove it.")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return VMSlot(fd, directory / name)
+        return None
+    finally:
+        os.close(dir_fd)
+
+
+async def acquire_slot(directory: Path, limit: int, timeout: float, log: logging.Logger,
+                       who: str) -> VMSlot:
+    """Take one of ``limit`` slots, waiting in line (asynchronously) up to ``timeout`` seconds.
+
+    Raises:
+        SandboxTimeout: no slot became free in time.
+        SandboxUnavailable: the slot directory is not ours alone.
+    """
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        slot = try_acquire_slot(directory, limit)
+        if slot is not None:
+            if announced:
+                log.info("%s: a VM slot is free, starting", who)
+            return slot
+        if not announced:
+            log.info("%s: waiting for a VM slot: all %d in use (NIXOS_MAX_CONCURRENT_VMS=%d)",
+                     who, limit, limit)
+            announced = True
+        if time.monotonic() > deadline:
+            raise SandboxTimeout(
+                f"no VM slot became free within {timeout:g} s (NIXOS_MAX_CONCURRENT_VMS={limit}); "
+                f"shut down another VM kernel or raise the limit."
+            )
+        await asyncio.sleep(0.5)
