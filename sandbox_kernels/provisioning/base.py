@@ -3,7 +3,7 @@
 :class:`SandboxProvisioner` implements jupyter_client's ``KernelProvisionerBase``. It owns the
 connection file, the launch timeout, ``poll``/``wait``/signals, restarts, persistence and
 clean-up on every path (failure, Ctrl-C, interpreter exit). A runtime subclass (Docker, libvirt,
-Kubernetes, SSH host) fills in the small ``async`` hooks at the bottom of the class.
+Kubernetes, SSH host) fills in the small ``async`` hooks of :mod:`.hooks`.
 
 Lifecycle as driven by ``KernelManager``::
 
@@ -18,92 +18,44 @@ Lifecycle as driven by ``KernelManager``::
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import os
 import shutil
 import signal
-import weakref
-from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Float, Int, List, TraitError, Unicode, default
+from traitlets import TraitError
 
-from ..errors import SandboxConfigError, SandboxError, SandboxTimeout, SandboxUnavailable
-from ..snapshots.model import Capabilities, Snapshot
-from ..settings import check_env, check_name, default_state_root, env_default
-from ..aio import exiting
+from ..errors import SandboxConfigError, SandboxError, SandboxTimeout
+from ..settings import check_env, check_name, default_state_root
 from ..labels import owner_labels
 from ..policy import apply_kernelspec_config
 from ..private_dirs import open_private_dir
 from ..snapshots.control import ControlServer
-from ..snapshots.quota import ByteSize
+from .exit_cleanup import shielded, track, untrack
+from .hooks import RuntimeHooks
+from .shared_settings import SharedSettings
+from .snapshot_hooks import SnapshotHooks
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
-#: Variables from the server's environment that reach the kernel unless configured otherwise.
-_DEFAULT_PASSTHROUGH = ["JPY_SESSION_NAME"]
 
 
-class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Base class of every sandbox provisioner; subclasses implement the runtime hooks."""
+class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, SnapshotHooks):  # type: ignore[misc]
+    """Base class of every sandbox provisioner; subclasses implement the runtime hooks.
+
+    The settings every runtime shares are in :class:`~.shared_settings.SharedSettings`; the
+    hooks and their defaults in :class:`~.hooks.RuntimeHooks` (the lifecycle) and
+    :class:`~.snapshot_hooks.SnapshotHooks` (snapshots).
+    """
 
     #: Short runtime name used in labels, logs and the state directory ("docker", "libvirt").
     runtime: ClassVar[str] = ""
     #: Kernelspec name this runtime ships (for messages).
     kernel_name: ClassVar[str] = ""
-
-    launch_timeout = Float(
-        120.0,
-        config=True,
-        help="Seconds allowed for the sandbox to start and the kernel in it to come up. "
-        "Bounds the whole of launch_kernel, which papermill's --start-timeout does not. "
-        "Env: SANDBOX_KERNELS_LAUNCH_TIMEOUT.",
-    )
-    _launch_timeout_default = env_default("launch_timeout", "SANDBOX_KERNELS_LAUNCH_TIMEOUT")
-
-    env_passthrough = List(
-        Unicode(),
-        default_value=_DEFAULT_PASSTHROUGH,
-        config=True,
-        help="Names of variables from the Jupyter server's environment passed into the sandbox. "
-        "The kernelspec's own 'env' is always passed; nothing else from the host leaks in.",
-    ).tag(widen="subset")
-
-    state_root = Unicode(
-        config=True,
-        help="Directory for per-kernel state (ipc sockets, keys, logs, overlays); created 0700. "
-        "Env: SANDBOX_KERNELS_STATE_DIR. Default: $XDG_RUNTIME_DIR/sandbox-kernels or "
-        "/tmp/sandbox-kernels-<uid>.",
-    ).tag(widen="admin")
-
-    @default("state_root")
-    def _state_root_default(self) -> str:
-        return default_state_root()
-
-    snapshot_max_count = Int(
-        10,
-        min=0,
-        config=True,
-        help="Snapshots one kernel may hold, kept ones included; taking one more fails with "
-        "409 until one is deleted. Ten checkpoints cover a notebook session; each VM memory "
-        "snapshot holds the guest's memory. Env: SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT.",
-    ).tag(widen="higher")
-    _snapshot_max_count_default = env_default("snapshot_max_count", "SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT")
-
-    snapshot_max_bytes = ByteSize(
-        10 * 1024**3,
-        min=0,
-        config=True,
-        help="Bytes one kernel's snapshots may use together, kept ones included (a number or "
-        "a size such as '10g'); a snapshot that would go over is removed again and fails with "
-        "409. Counts what a runtime reports per snapshot (Docker: the committed layer). "
-        "Env: SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES.",
-    ).tag(widen="higher")
-    _snapshot_max_bytes_default = env_default("snapshot_max_bytes", "SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES")
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _FRAMEWORK_KWARGS - set(self.class_trait_names(config=True)))
@@ -160,6 +112,20 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def sandbox_name(self) -> str:
         """The name given to this kernel's sandbox: ``sandbox-kernels-<kernel id>``."""
         return f"sandbox-kernels-{check_name(self.kernel_id, 'kernel id')}"
+
+    @property
+    def has_state_dir(self) -> bool:
+        """Whether this kernel's state directory exists (asking does not create it)."""
+        return self._state_dir is not None
+
+    @property
+    def local_ports(self) -> dict[str, int]:
+        """The client side's ports by name (``"shell_port"``, ...), kept across restarts.
+
+        Empty before the first :meth:`pre_launch`: a runtime's :meth:`configure_transport`
+        chooses ports only then.
+        """
+        return dict(self._local_ports)
 
     def validate_settings(self) -> None:
         """Check settings whose validity a trait type cannot express (sizes, paths).
@@ -228,7 +194,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             SandboxTimeout: the sandbox or kernel did not come up within ``launch_timeout``.
             SandboxError: the runtime failed; the message says what to do.
         """
-        _track(self)
+        track(self)
         task = asyncio.ensure_future(self._launch(cmd))
         try:
             done, _ = await asyncio.wait({task}, timeout=self.launch_timeout)
@@ -246,7 +212,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except BaseException:
             if not task.done():
                 task.cancel()
-            await _shielded(self._teardown())
+            await shielded(self.teardown())
             raise
         self._has_process = True
         self._restarting = False
@@ -262,6 +228,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._sandbox_ready = True
         self._last_cmd = cmd
         await self.start_kernel(cmd, self._sandbox_env)
+        await self.wait_ready()
+
+    async def relaunch_kernel(self) -> None:
+        """Start the kernel again in the ready sandbox, with the last command and environment,
+        and wait until it listens.
+
+        Called by runtimes whose rollback replaces the kernel process (Docker, libvirt), with
+        the kernel marked :meth:`busy`.
+        """
+        await self.start_kernel(self._last_cmd, self._sandbox_env)
         await self.wait_ready()
 
     async def poll(self) -> int | None:
@@ -326,7 +302,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self.stop_kernel()
             return
         self._has_process = False
-        await _shielded(self._teardown())
+        await shielded(self.teardown())
         if restart:
             # A new sandbox follows at once (the old one is gone, or fresh ones are asked
             # for): as above, clients must not conclude the kernel died meanwhile.
@@ -350,7 +326,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.load_runtime_state(provisioner_info.get("sandbox_state", {}))
         self._sandbox_ready = True
         self._has_process = True
-        _track(self)
+        track(self)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """Allow a little longer than a local kernel: signals cross an API or a tunnel."""
@@ -374,31 +350,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Wait until no snapshot or rollback is in progress."""
         await self._idle.wait()
 
-    # -- snapshot hooks (optional: runtimes that support snapshots override them) -----------
-
-    def snapshot_capabilities(self) -> Capabilities:
-        """Kinds of snapshot this runtime offers; default: none."""
-        return Capabilities(kinds=[], default_kind="", note=f"the {self.runtime} runtime has no snapshots")
-
-    async def snapshot_list(self) -> list[Snapshot]:
-        """This kernel's snapshots."""
-        return []
-
-    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
-        """Take snapshot ``name``; called by :class:`SnapshotService` with the kernel marked busy."""
-        raise SandboxUnavailable(f"the {self.runtime} runtime cannot take snapshots")
-
-    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
-        """Return to ``snapshot``; returns whether the kernel process was restarted."""
-        raise SandboxUnavailable(f"the {self.runtime} runtime cannot roll back")
-
-    async def snapshot_delete(self, snapshot: Snapshot) -> None:
-        """Delete ``snapshot``."""
-        raise SandboxUnavailable(f"the {self.runtime} runtime cannot delete snapshots")
-
     # -- teardown --------------------------------------------------------------------------
 
-    async def _teardown(self) -> None:
+    async def teardown(self) -> None:
+        """Remove the sandbox, the control socket and the state directory; idempotent.
+
+        Called on launch failure, from :meth:`cleanup` and at interpreter exit (see
+        :mod:`.exit_cleanup`). Never raises for a partly created sandbox.
+        """
         self._has_process = False
         self._restarting = False
         self._sandbox_ready = False
@@ -411,7 +370,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._state_dir = None
-            _untrack(self)
+            untrack(self)
+
+    async def _teardown(self) -> None:  # old name; remove once the VM runtime calls teardown()
+        await self.teardown()
 
     async def _safe_diagnostics(self) -> str:
         try:
@@ -420,127 +382,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return f"\n(could not collect diagnostics: {e})"
         return f"\n{text}" if text else ""
 
-    # -- hooks for runtimes ----------------------------------------------------------------
 
-    def configure_transport(self, km: Any) -> None:
-        """Choose the ZMQ transport and address the client side uses.
-
-        Called from :meth:`pre_launch` before the connection file is written. The default is
-        TCP on 127.0.0.1 (ports forwarded from the sandbox); Docker overrides it with ``ipc``.
-        """
-        km.transport = "tcp"
-        km.ip = "127.0.0.1"
-
-    def sandbox_connection_file(self) -> str:
-        """Path of the connection file as the kernel inside the sandbox sees it."""
-        return "/tmp/sandbox-kernel-connection.json"
-
-    def sandbox_connection_info(self) -> dict[str, Any]:
-        """The connection info written for the kernel inside the sandbox (bytes key decoded)."""
-        info = dict(self.connection_info)
-        key = info.get("key", b"")
-        info["key"] = key.decode() if isinstance(key, bytes) else key
-        info.pop("curve_secretkey", None)
-        info.pop("curve_publickey", None)
-        return info
-
-    def sandbox_description(self) -> str:
-        """One line a person reads about the sandbox (a VM's guest OS); default empty.
-
-        Shown by the snapshot panel's header and the snapshot listing.
-        """
-        return ""
-
-    def runtime_state(self) -> dict[str, Any]:
-        """JSON-able state a re-attaching process needs (container id, ports, ...)."""
-        return {}
-
-    def load_runtime_state(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`runtime_state`."""
-
-    async def keep_sandbox_on_restart(self) -> bool:
-        """Whether a restart reuses the sandbox (default) rather than creating a new one."""
-        return True
-
-    async def wait_ready(self) -> None:
-        """Wait until the kernel in the sandbox is listening; default returns at once."""
-
-    async def diagnostics(self) -> str:
-        """Text appended to launch errors (a log tail); default empty."""
-        return ""
-
-    async def stop_kernel(self) -> None:
-        """Make sure the kernel process is gone before a restart in the same sandbox."""
-        with contextlib.suppress(SandboxError):
-            await self.signal_kernel(signal.SIGKILL)
-
-    @abstractmethod
-    async def create_sandbox(self) -> None:
-        """Create and start the sandbox (container, VM, pod, remote directory).
-
-        Called from :meth:`launch_kernel` on the first start and after the sandbox was lost.
-        Raise :class:`SandboxError` subclasses with actionable messages.
-        """
-
-    @abstractmethod
-    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
-        """Start the kernel process ``cmd`` with ``env`` inside the ready sandbox.
-
-        Called from :meth:`launch_kernel`. The connection file for the sandbox side is given
-        by :meth:`sandbox_connection_info` and must be in place before the kernel starts.
-        """
-
-    @abstractmethod
-    async def kernel_exit_code(self) -> int | None:
-        """None while the kernel runs, else its exit code (-1 if the sandbox is gone).
-
-        Called from :meth:`poll`; must be cheap (the restarter calls it every few seconds).
-        """
-
-    @abstractmethod
-    async def signal_kernel(self, signum: int) -> None:
-        """Deliver ``signum`` to the kernel process inside the sandbox."""
-
-    @abstractmethod
-    async def destroy_sandbox(self) -> None:
-        """Remove everything created for this kernel; must succeed when partly created.
-
-        Called on shutdown, on launch failure and at interpreter exit. Idempotent.
-        """
-
-
-async def _shielded(coro: Any) -> None:
-    """Run clean-up to completion even if the awaiting task is being cancelled."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
-# -- last-resort clean-up at interpreter exit (Ctrl-C in papermill, uncaught errors) -----------
-
-_live: weakref.WeakSet[SandboxProvisioner] = weakref.WeakSet()
-_atexit_registered = False
-
-
-def _track(provisioner: SandboxProvisioner) -> None:
-    global _atexit_registered
-    _live.add(provisioner)
-    if not _atexit_registered:
-        atexit.register(_cleanup_at_exit)
-        _atexit_registered = True
-
-
-def _untrack(provisioner: SandboxProvisioner) -> None:
-    _live.discard(provisioner)
-
-
-def _cleanup_at_exit() -> None:
-    exiting()
-    for provisioner in list(_live):
-        try:
-            asyncio.run(provisioner._teardown())
-        except Exception as e:  # at exit there is nobody left to raise to
-            print(f"sandbox-kernels: could not clean up {provisioner.sandbox_name}: {e}")
+# Old private names, importable until the VM runtime uses .exit_cleanup's public ones.
+_shielded = shielded
+_track = track
