@@ -106,7 +106,7 @@ async def test_dropped_forward_streams_are_reestablished(k8s_cluster: str) -> No
     km, kc = await start("sandbox-k8s", timeout=90)
     try:
         assert (await run_cell(kc, "x = 1; print(x)"))["stdout"] == "1\n"
-        km.provisioner._forwarder.drop_connections()  # as if the API server dropped every stream
+        km.provisioner.kernel.forwarder.drop_connections()  # as if the API server dropped every stream
         await kc.wait_for_ready(timeout=60)
         out = await run_cell(kc, "print(x + 1)")
         assert out["stdout"] == "2\n", out

@@ -338,7 +338,7 @@ def test_remote_close_delivers_everything_then_eof(tunnel: SSHTunnel, server_por
     with _connect(port) as sock:
         sock.sendall(b"send 5000000\n")
         assert _recv_to_eof(sock) == _pattern(5 * MB)[:5000000]
-    _wait_until(lambda: tunnel._pump.pair_count == 0, 5, "the pair to be closed")
+    _wait_until(lambda: tunnel._forwards.pump.pair_count == 0, 5, "the pair to be closed")
 
 
 def test_refused_remote_port_closes_the_local_connection(tunnel: SSHTunnel) -> None:
@@ -598,7 +598,7 @@ def test_channel_close_failing_on_a_dead_connection_stops_nothing(
     _wait_until(lambda: calls, 5, "the pump to close the channel")
     monkeypatch.undo()
     assert _echo_once(port, b"after") == b"after"
-    assert tunnel._thread is not None and tunnel._thread.is_alive()
+    assert tunnel._forwards.thread is not None and tunnel._forwards.thread.is_alive()
 
 
 def test_repeated_pump_failures_stop_the_thread_loudly(
@@ -618,8 +618,8 @@ def test_repeated_pump_failures_stop_the_thread_loudly(
 
     try:
         monkeypatch.setattr(Pump, "run_once", broken)
-        tunnel._wake()
-        _wait_until(lambda: not tunnel._thread.is_alive(), 15, "the thread to give up")
+        tunnel._forwards.wake()
+        _wait_until(lambda: not tunnel._forwards.thread.is_alive(), 15, "the thread to give up")
     finally:
         tunnel._logger.removeHandler(handler)
     assert isinstance(tunnel.last_error, RuntimeError)

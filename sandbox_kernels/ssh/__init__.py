@@ -17,7 +17,7 @@ from .keys import (
     write_private_key,
     write_public_key,
 )
-from .remote import CommandResult, ProcessStatus
+from .processes import CommandResult, ProcessStatus
 from .tunnel import SSHTunnel
 
 __all__ = [

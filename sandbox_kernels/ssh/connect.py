@@ -1,7 +1,8 @@
 """Open one authenticated paramiko ``Transport``: dial, handshake, pinned host key, login.
 
-:class:`Connector` makes a single attempt; retrying, backoff and the tunnel's state are the
-business of :class:`sandbox_kernels.ssh.tunnel.SSHTunnel`. The server's host key is compared
+:class:`Connector` makes one attempt (:meth:`Connector.open`) or retries with backoff until a
+deadline (:meth:`Connector.open_with_backoff`); the tunnel's state is the business of
+:class:`sandbox_kernels.ssh.tunnel.SSHTunnel`. The server's host key is compared
 with the pinned keys right after the key exchange, before any credential is sent; there is no
 "accept unknown keys" mode.
 """
@@ -12,15 +13,18 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paramiko
 
-from ..errors import HostKeyMismatch, SandboxConfigError, SandboxConnectionError, SandboxTimeout
+from ..errors import HostKeyMismatch, SandboxConfigError, SandboxConnectionError, SandboxError, SandboxTimeout
 from .keys import describe_key, host_key_algorithms, known_host_keys, parse_public_key
 
 _KEEPALIVE_PROBES = 4
+_FIRST_BACKOFF = 0.2
+_MAX_BACKOFF = 5.0
 
 
 class IncompatibleServer(SandboxConnectionError):
@@ -204,6 +208,57 @@ class Connector:
             raise SandboxConnectionError(f"{who} asks for more than a public key to log in")
 
 
+    def open_forward_channel(self, transport: paramiko.Transport, host: str, port: int,
+                             origin: tuple[str, int], timeout: float) -> paramiko.Channel | None:
+        """A ``direct-tcpip`` channel to ``host:port`` as seen from the server, with this
+        connector's window and packet sizes; None (logged) if the server refuses it."""
+        try:
+            return transport.open_channel("direct-tcpip", (host, port), origin, window_size=self.window_size,
+                                          max_packet_size=self.max_packet_size, timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.logger.debug("cannot open a channel to %s:%d: %s", host, port, describe_error(e))
+            return None
+
+    def open_with_backoff(self, deadline: float, attempt_timeout: float, closing: threading.Event,
+                          track: Callable[[socket.socket | None], bool],
+                          on_error: Callable[[BaseException], None]) -> paramiko.Transport:
+        """Attempt :meth:`open` with backoff until one succeeds or ``deadline`` passes.
+
+        Args:
+            deadline: ``time.monotonic()`` value to give up at.
+            attempt_timeout: seconds for one attempt (less near the deadline).
+            closing: set when the caller closes: stop at once.
+            track: as for :meth:`open`.
+            on_error: told each attempt's error.
+
+        Raises:
+            HostKeyMismatch, IncompatibleServer: at once, without retrying.
+            SandboxConnectionError: ``closing`` was set.
+            SandboxTimeout: ``deadline`` passed; the last error is chained.
+        """
+        delay, attempts = _FIRST_BACKOFF, 0
+        last: SandboxError | None = None
+        while True:
+            if closing.is_set():
+                raise SandboxConnectionError(f"the tunnel to {self.target} is closed")
+            attempts += 1
+            try:
+                return self.open(max(0.5, min(attempt_timeout, deadline - time.monotonic())), track)
+            except (HostKeyMismatch, IncompatibleServer) as e:
+                on_error(e)
+                raise
+            except SandboxError as e:
+                last = e
+                on_error(e)
+                self.logger.debug("attempt %d to reach %s failed: %s", attempts, self.target, e)
+            if time.monotonic() + delay >= deadline:
+                raise SandboxTimeout(
+                    f"could not connect to {self.target} as {self.username!r} "
+                    f"({attempts} attempts); last error: {last}"
+                ) from last
+            closing.wait(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
+
 def close_transport(transport: paramiko.Transport, logger: logging.Logger) -> None:
     """Close ``transport`` and wait (briefly) for its thread to end."""
     try:
@@ -277,6 +332,36 @@ def tune_socket(sock: socket.socket, keepalive: float) -> None:
     ):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def check_tunnel_args(
+    host: str,
+    port: int,
+    username: str,
+    pkey: paramiko.PKey,
+    keepalive: float,
+    connect_timeout: float,
+    reconnect_timeout: float,
+) -> None:
+    """Validate the constructor arguments.
+
+    Raises:
+        SandboxConfigError: the first bad argument, by name.
+    """
+    if not isinstance(host, str) or not host or any(c.isspace() or c == "\0" for c in host):
+        raise SandboxConfigError(f"host={host!r} is not a host name or address")
+    check_port(port, "port")
+    if not isinstance(username, str) or not username or "\0" in username:
+        raise SandboxConfigError(f"username={username!r} is not a user name")
+    if not isinstance(pkey, paramiko.PKey) or not pkey.can_sign():
+        raise SandboxConfigError("pkey must be a paramiko private key (see load_private_key)")
+    for name, value in (
+        ("keepalive", keepalive),
+        ("connect_timeout", connect_timeout),
+        ("reconnect_timeout", reconnect_timeout),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SandboxConfigError(f"{name}={value!r} must be a positive number of seconds")
 
 
 class _ChannelRefusals(logging.Filter):

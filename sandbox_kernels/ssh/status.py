@@ -16,6 +16,7 @@ from typing import Literal
 import paramiko
 
 from ..errors import SandboxConfigError, SandboxConnectionError, SandboxError
+from ..remote.scripts import WATCH
 from .runner import SMALL_OUTPUT, check_path, open_session, quote_argv
 
 _DIGITS = re.compile(r"[0-9]+")
@@ -90,17 +91,6 @@ def ended(words: list[str]) -> ProcessStatus:
     return ProcessStatus("gone") if code is None else ProcessStatus("exited", code)
 
 
-_WATCH_SCRIPT = r"""
-pid=$1 exitfile=$2
-while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
-for _ in 1 2 3 4; do
-    if [ -s "$exitfile" ]; then echo "exited $(head -c 16 -- "$exitfile")"; exit 0; fi
-    sleep 0.25
-done
-echo gone
-"""
-
-
 class ProcessWatch:
     """A session that runs while a detached process runs and then reports how it ended.
 
@@ -145,7 +135,7 @@ class ProcessWatch:
 
 
 def watch_process(transport: paramiko.Transport, pid: int, log_path: str, timeout: float = 30.0) -> ProcessWatch:
-    """Watch a process from :func:`sandbox_kernels.ssh.remote.start_detached` until it ends.
+    """Watch a process from :func:`sandbox_kernels.ssh.processes.start_detached` until it ends.
 
     Raises:
         SandboxConfigError: a bad pid or path.
@@ -154,7 +144,7 @@ def watch_process(transport: paramiko.Transport, pid: int, log_path: str, timeou
     check_pid(pid)
     check_path(log_path, "log_path")
     channel = open_session(transport, timeout)
-    argv = ["sh", "-c", _WATCH_SCRIPT, "sandbox-kernels-watch", str(pid), f"{log_path}.exit"]
+    argv = ["sh", "-c", WATCH, "sandbox-kernels-watch", str(pid), f"{log_path}.exit"]
     try:
         channel.exec_command(quote_argv(argv))
     except (paramiko.SSHException, OSError, EOFError) as e:

@@ -20,42 +20,29 @@ import os
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from types import TracebackType
 
 import paramiko
 
-from ..errors import (
-    HostKeyMismatch,
-    SandboxConfigError,
-    SandboxConnectionError,
-    SandboxError,
-    SandboxNotFound,
-    SandboxTimeout,
-)
-from .commands import RemoteCommands
+from ..errors import SandboxConfigError, SandboxConnectionError, SandboxError, SandboxTimeout
 from .connect import (
     Connector,
-    IncompatibleServer,
     check_port,
+    check_tunnel_args,
     close_transport,
     describe_error,
     pinned_keys,
     usable,
 )
-from ..client_sockets import listen_local
+from .forwards import Forwards, originator
 from .pump import Listener, Pump
+from .tunnel_commands import RemoteCommands
 
 # 4 MiB windows keep a fast link busy without letting a stalled client pin much memory.
 # Packets above the loopback MSS (64 KiB) matter: sshd leaves Nagle on for non-interactive
 # connections, and 32 KiB packets then stall on delayed ACKs (30 MB/s instead of 200 MB/s).
 DEFAULT_WINDOW_SIZE = 4 << 20
 DEFAULT_MAX_PACKET_SIZE = 128 << 10
-_FIRST_BACKOFF = 0.2
-_MAX_BACKOFF = 5.0
-_LOOP_TIMEOUT = 1.0
-_MAX_LOOP_FAILURES = 5  # consecutive failed pump turns before the thread gives up
 
 
 class SSHTunnel(RemoteCommands):
@@ -103,7 +90,7 @@ class SSHTunnel(RemoteCommands):
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ):
         super().__init__()
-        _check_args(host, port, username, pkey, keepalive, connect_timeout, reconnect_timeout)
+        check_tunnel_args(host, port, username, pkey, keepalive, connect_timeout, reconnect_timeout)
         self._logger = logger or logging.getLogger(__name__)
         self._name = f"sandbox-ssh-{host}:{port}"
         self._connector = Connector(
@@ -130,11 +117,8 @@ class SSHTunnel(RemoteCommands):
         self._gave_up = False
         self._last_error: BaseException | None = None
         self._connecting_sock: socket.socket | None = None
-        self._listeners: dict[int, Listener] = {}
-        self._commands: deque[Callable[[Pump], None]] = deque()
-        self._thread: threading.Thread | None = None
-        self._pump: Pump | None = None
-        self._wake_pair: tuple[socket.socket, socket.socket] | None = None
+        self._forwards = Forwards(self._name, self._logger, self._closing, self._keep_connected,
+                                  self._on_accept, self._set_error)
 
     def __repr__(self) -> str:
         state = "closed" if self._closing.is_set() else "up" if self.is_alive else "down"
@@ -178,9 +162,7 @@ class SSHTunnel(RemoteCommands):
     @property
     def forwards(self) -> dict[int, tuple[str, int]]:
         """The open forwards: local port -> (remote host, remote port)."""
-        with self._lock:
-            items = list(self._listeners.items())
-        return {port: (lis.remote_host, lis.remote_port) for port, lis in items}
+        return {port: (lis.remote_host, lis.remote_port) for port, lis in self._forwards.listeners.items()}
 
     def ensure_connected(self, timeout: float = 30.0) -> None:
         """Connect (or wait for the reconnect) unless the connection is already up.
@@ -225,18 +207,13 @@ class SSHTunnel(RemoteCommands):
         with self._lock:
             self._closing.set()
             transport, self._transport = self._transport, None
-            connecting, thread = self._connecting_sock, self._thread
+            connecting = self._connecting_sock
         if connecting is not None:
             with contextlib.suppress(OSError):
                 connecting.shutdown(socket.SHUT_RDWR)
         if transport is not None:  # first, so the pump thread's paramiko calls return now
             close_transport(transport, self._logger)
-        self._wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                self._logger.warning("tunnel thread %s did not stop in time", self._name)
-        self._release_resources()
+        self._forwards.close(timeout)
         self._logger.debug("tunnel to %s closed", self._target)
 
     # ------------------------------------------------------------------ forwards
@@ -271,21 +248,11 @@ class SSHTunnel(RemoteCommands):
         check_port(remote_port, "remote_port")
         if not isinstance(remote_host, str) or not remote_host or "\0" in remote_host:
             raise SandboxConfigError(f"remote_host={remote_host!r} is not a host name")
-        if sock is not None:
-            _check_listener(sock, local_port)
-            sock.setblocking(False)
-        else:
-            sock = listen_local(local_port)
-        port = local_port if sock.family == socket.AF_UNIX else int(sock.getsockname()[1])
-        listener = Listener(sock, remote_host, remote_port, port)
-        with self._lock:
-            if self._closing.is_set():
-                listener.sock.close()
-                raise SandboxConnectionError(f"the tunnel to {self._target} is closed")
-            self._listeners[listener.port] = listener
-            self._commands.append(lambda pump: pump.add_listener(listener))
-            self._start_thread()
-        self._wake()
+        try:
+            listener = self._forwards.add(local_port, remote_host, remote_port, sock)
+        except SandboxConnectionError:
+            self._check_open()
+            raise
         self._logger.debug(
             "forwarding 127.0.0.1:%d to %s:%d via %s",
             listener.port, remote_host, remote_port, self._target,
@@ -298,13 +265,7 @@ class SSHTunnel(RemoteCommands):
         Raises:
             SandboxNotFound: no forward listens on ``local_port``.
         """
-        with self._lock:
-            if self._listeners.pop(local_port, None) is None:
-                raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            done = self._queue(lambda pump: pump.remove_listener(local_port))
-        self._wake()
-        if not done.wait(timeout):
-            self._logger.warning("closing the forward on port %d timed out", local_port)
+        self._forwards.remove(local_port, timeout)
 
     def pause_forward(self, local_port: int, timeout: float = 5.0) -> None:
         """Hold new connections to ``local_port`` in its backlog; close its open ones.
@@ -316,15 +277,7 @@ class SSHTunnel(RemoteCommands):
         Raises:
             SandboxNotFound: no forward listens on ``local_port``.
         """
-        with self._lock:
-            if local_port not in self._listeners:
-                raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            done = self._queue(lambda pump: pump.pause_listener(local_port))
-            running = self._thread is not None and self._thread.is_alive()
-        self._wake()
-        # Return once it holds, so a connection made next waits (unless no pump runs yet).
-        if running and not done.wait(timeout):
-            self._logger.warning("pausing the forward on port %d timed out", local_port)
+        self._forwards.pause(local_port, timeout)
 
     def repoint_forward(self, local_port: int, remote_port: int, remote_host: str = "127.0.0.1") -> None:
         """Send ``local_port``'s connections to ``remote_host:remote_port`` from now on, and
@@ -334,29 +287,9 @@ class SSHTunnel(RemoteCommands):
             SandboxConfigError: a bad port.
             SandboxNotFound: no forward listens on ``local_port``.
         """
-        check_port(remote_port, "remote_port")
-        with self._lock:
-            old = self._listeners.get(local_port)
-            if old is None:
-                raise SandboxNotFound(f"no forward listens on local port {local_port}")
-            listener = Listener(old.sock, remote_host, remote_port, old.port)
-            self._listeners[local_port] = listener
-            self._commands.append(lambda pump: pump.repoint_listener(local_port, listener))
-        self._wake()
+        self._forwards.repoint(local_port, remote_host, remote_port)
         self._logger.debug("forwarding 127.0.0.1:%d to %s:%d via %s",
                            local_port, remote_host, remote_port, self._target)
-
-    def _queue(self, command: Callable[[Pump], None]) -> threading.Event:
-        """Queue ``command`` for the pump thread (the caller holds ``_lock``); the returned
-        event is set once it has run."""
-        done = threading.Event()
-
-        def run(pump: Pump) -> None:
-            command(pump)
-            done.set()
-
-        self._commands.append(run)
-        return done
 
     # ------------------------------------------------------------------ connecting
 
@@ -404,28 +337,18 @@ class SSHTunnel(RemoteCommands):
         Raises:
             As :meth:`_connect`.
         """
-        delay, attempts = _FIRST_BACKOFF, 0
-        last: SandboxError | None = None
         while True:
-            self._check_open()
-            attempts += 1
-            attempt_timeout = max(0.5, min(self._connect_timeout, deadline - time.monotonic()))
+            transport = self._connector.open_with_backoff(deadline, self._connect_timeout, self._closing,
+                                                          self._track_connecting, self._set_error)
             try:
-                self._install(self._connector.open(attempt_timeout, self._track_connecting))
+                self._install(transport)
                 return
-            except (HostKeyMismatch, IncompatibleServer) as e:
-                self._last_error = e
+            except SandboxConnectionError:
+                self._check_open()
                 raise
-            except SandboxError as e:
-                self._last_error = last = e
-                self._logger.debug("attempt %d to reach %s failed: %s", attempts, self._target, e)
-            if time.monotonic() + delay >= deadline:
-                raise SandboxTimeout(
-                    f"could not connect to {self._target} as {self._connector.username!r} "
-                    f"({attempts} attempts); last error: {last}"
-                ) from last
-            self._closing.wait(delay)
-            delay = min(delay * 2, _MAX_BACKOFF)
+
+    def _set_error(self, error: BaseException) -> None:
+        self._last_error = error
 
     def _track_connecting(self, sock: socket.socket | None) -> bool:
         """Remember the socket being connected, so :meth:`close` can abort it."""
@@ -446,69 +369,15 @@ class SSHTunnel(RemoteCommands):
                 old, self._transport = self._transport, transport
                 self._generation += 1
                 self._ever_connected, self._gave_up, self._last_error = True, False, None
-                self._start_thread()
+                self._forwards.start_thread()
         if closed:
             close_transport(transport, self._logger)
             raise SandboxConnectionError(f"the tunnel to {self._target} is closed")
         if old is not None:
             close_transport(old, self._logger)
-        self._wake()
+        self._forwards.wake()
 
-    # ------------------------------------------------------------------ pump thread
-
-    def _start_thread(self) -> None:
-        """Start the pump thread once (the caller holds ``_lock``)."""
-        if self._thread is not None or self._closing.is_set():
-            return
-        self._wake_pair = socket.socketpair()
-        for sock in self._wake_pair:
-            sock.setblocking(False)
-        self._pump = Pump(self._logger, self._wake_pair[0])
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
-
-    def _wake(self) -> None:
-        with self._lock:
-            pair = self._wake_pair
-        if pair is not None:
-            with contextlib.suppress(OSError):
-                pair[1].send(b"\0")
-
-    def _run(self) -> None:
-        pump = self._pump
-        assert pump is not None
-        failures = 0
-        try:
-            while not self._closing.is_set():
-                try:
-                    self._run_commands(pump)
-                    self._keep_connected(pump)
-                    pump.run_once(_LOOP_TIMEOUT, self._on_accept)
-                    failures = 0
-                except Exception as e:
-                    # One bad turn (a paramiko call racing a dying connection, say) must not
-                    # stop every forward: drop the open connections and carry on, unless the
-                    # failure repeats, which means a bug rather than a race.
-                    failures += 1
-                    self._last_error = e
-                    if failures >= _MAX_LOOP_FAILURES:
-                        self._logger.exception("tunnel thread %s failed %d times in a row; forwards stop",
-                                               self._name, failures)
-                        return
-                    self._logger.warning("tunnel thread %s: %s; closing open connections and going on",
-                                         self._name, describe_error(e), exc_info=True)
-                    pump.close_pairs()
-                    self._closing.wait(0.1 * failures)
-        finally:
-            pump.close()
-
-    def _run_commands(self, pump: Pump) -> None:
-        while True:
-            with self._lock:
-                if not self._commands:
-                    return
-                command = self._commands.popleft()
-            command(pump)
+    # ------------------------------------------------------------------ called by the pump thread
 
     def _keep_connected(self, pump: Pump) -> None:
         """Reconnect in the background when a connection that was up has dropped."""
@@ -544,27 +413,12 @@ class SSHTunnel(RemoteCommands):
     def _on_accept(self, sock: socket.socket, listener: Listener) -> None:
         """Open a channel for a new local connection (waiting for a reconnect if needed)."""
         transport = self._transport_for_accept()
-        if transport is None:
+        channel = None if transport is None else self._connector.open_forward_channel(
+            transport, listener.remote_host, listener.remote_port, originator(sock), self._connect_timeout)
+        if channel is None:
             sock.close()
-            return
-        try:
-            channel = transport.open_channel(
-                "direct-tcpip",
-                (listener.remote_host, listener.remote_port),
-                _originator(sock),
-                window_size=self._connector.window_size,
-                max_packet_size=self._connector.max_packet_size,
-                timeout=self._connect_timeout,
-            )
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self._logger.debug(
-                "cannot open a channel to %s:%d: %s",
-                listener.remote_host, listener.remote_port, describe_error(e),
-            )
-            sock.close()
-            return
-        assert self._pump is not None
-        self._pump.add_pair(sock, channel, listener)
+        else:
+            self._forwards.add_pair(sock, channel, listener)
 
     def _transport_for_accept(self) -> paramiko.Transport | None:
         with self._lock:
@@ -574,78 +428,3 @@ class SSHTunnel(RemoteCommands):
         if gave_up or self._closing.is_set() or not self._recover(generation):
             return None
         return self._transport
-
-    def _release_resources(self) -> None:
-        """Close what the pump thread did not (it never ran, or did not stop)."""
-        with self._lock:
-            listeners = list(self._listeners.values())
-            self._listeners.clear()
-            self._commands.clear()
-            wake_pair, self._wake_pair = self._wake_pair, None
-        for listener in listeners:
-            listener.sock.close()
-        for sock in wake_pair or ():
-            sock.close()
-
-
-def _originator(sock: socket.socket) -> tuple[str, int]:
-    """The ``direct-tcpip`` originator of a local connection (a unix peer has no address)."""
-    if sock.family == socket.AF_UNIX:
-        return ("127.0.0.1", 0)
-    host, port = sock.getpeername()[:2]
-    return (host, port)
-
-
-def _check_args(
-    host: str,
-    port: int,
-    username: str,
-    pkey: paramiko.PKey,
-    keepalive: float,
-    connect_timeout: float,
-    reconnect_timeout: float,
-) -> None:
-    """Validate the constructor arguments.
-
-    Raises:
-        SandboxConfigError: the first bad argument, by name.
-    """
-    if not isinstance(host, str) or not host or any(c.isspace() or c == "\0" for c in host):
-        raise SandboxConfigError(f"host={host!r} is not a host name or address")
-    check_port(port, "port")
-    if not isinstance(username, str) or not username or "\0" in username:
-        raise SandboxConfigError(f"username={username!r} is not a user name")
-    if not isinstance(pkey, paramiko.PKey) or not pkey.can_sign():
-        raise SandboxConfigError("pkey must be a paramiko private key (see load_private_key)")
-    for name, value in (
-        ("keepalive", keepalive),
-        ("connect_timeout", connect_timeout),
-        ("reconnect_timeout", reconnect_timeout),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise SandboxConfigError(f"{name}={value!r} must be a positive number of seconds")
-
-
-def reserve_local_port() -> socket.socket:
-    """A listening socket on a free 127.0.0.1 port, held until a forward takes it over.
-
-    Binding a port only when the sandbox is up (after a VM boot, say) races with everything
-    else on the machine, outgoing connections' ephemeral ports included; holding it open from
-    the start does not.
-
-    Raises:
-        SandboxConnectionError: no port could be bound.
-    """
-    return listen_local(0)
-
-
-def _check_listener(sock: socket.socket, local_port: int) -> None:
-    """A reserved socket must listen on 127.0.0.1:``local_port`` or on a unix socket.
-
-    Raises:
-        SandboxConfigError: it does not.
-    """
-    if sock.family == socket.AF_UNIX:
-        return
-    if sock.family != socket.AF_INET or sock.getsockname()[:2] != ("127.0.0.1", local_port):
-        raise SandboxConfigError(f"the reserved socket is not 127.0.0.1:{local_port} or a unix socket")

@@ -90,7 +90,7 @@ async def test_exec_output_flood_is_cut_off(kernel: Any) -> None:
     """A command in the pod that floods stderr (200 MB) and fails: a SandboxError at the cap,
     and this process's memory does not grow by the flood."""
     km, _ = kernel
-    process = km.provisioner._process()
+    process = km.provisioner.kernel.shell
     before = _peak_rss()
     with pytest.raises(SandboxError, match="passed 64 MiB"):
         await _to_thread(process.run, ["sh", "-c", "head -c 200000000 /dev/zero >&2; exit 1"], None, 120)

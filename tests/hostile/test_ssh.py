@@ -34,7 +34,7 @@ from helpers.ssh_host import USER, ensure_user, kernel_dirs, ssh_host as running
 from hostile.suite import HostileRuntime, HostileSuite
 from lifecycle import REPO, run_cell, wait_until
 from sandbox_kernels.errors import SandboxConfigError, SandboxError, SandboxStartError
-from sandbox_kernels.runtimes.tunnelled import _ports
+from sandbox_kernels.remote.kernel import parse_ports as _ports
 
 pytestmark = [pytest.mark.hostile, pytest.mark.ssh]
 
@@ -324,17 +324,19 @@ async def test_fork_request_environment_never_appears_in_a_command_line(ssh_host
                         seen.append(f"{entry.name}: {data[:200]!r}")
 
     try:
-        tunnel = await prov._tunnel_ready()
+        tunnel = await prov.tunnel_ready()
         await prov.prepare_remote_dir(tunnel)
         rdir = prov.remote_dir()
-        prov._preloader_pid = await asyncio.to_thread(
+        kernel = await prov.remote_kernel()
+        kernel.preload = True  # as in a VM
+        kernel.state.preloader_pid = await asyncio.to_thread(
             tunnel.start_detached, ["sh", "-c", FAKE_PRELOADER, "fake-preloader", rdir], f"{rdir}/preloader.log")
         scanner = threading.Thread(target=scan, daemon=True)
         scanner.start()
         try:
-            child = await prov._fork_kernel(tunnel, ["python3", "-m", "ipykernel_launcher", "-f",
-                                                     prov.sandbox_connection_file()],
-                                            {"SK_SECRET": secret.decode()}, b'{"key": "' + secret + b'"}')
+            await kernel.start(["python3", "-m", "ipykernel_launcher", "-f", prov.sandbox_connection_file()],
+                               {"SK_SECRET": secret.decode()}, {"key": secret.decode()})
+            child = kernel.state.pid or 0
         finally:
             stop.set()
             scanner.join(30)
@@ -345,8 +347,8 @@ async def test_fork_request_environment_never_appears_in_a_command_line(ssh_host
         assert seen == [], seen
     finally:
         stop.set()
-        if prov._preloader_pid is not None:
-            prov.pid = prov._preloader_pid  # destroy_sandbox kills it with the directory
+        if prov.kernel_state.preloader_pid is not None:
+            prov.pid = prov.kernel_state.preloader_pid  # destroy_sandbox kills it with the directory
         await prov.destroy_sandbox()
 
 
@@ -354,7 +356,7 @@ async def test_fork_request_environment_never_appears_in_a_command_line(ssh_host
 
 
 def test_numbers_from_the_remote_are_bounded() -> None:
-    from sandbox_kernels.ssh.remote import parse_int
+    from sandbox_kernels.ssh.processes import parse_int
 
     assert parse_int(" 4242\n", "a pid") == 4242
     for bad in ("9" * 5000, "²", "-1", "+1", "1_000", "", "12 34", "0x10", "٣"):

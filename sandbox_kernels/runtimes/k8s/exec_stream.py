@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from ...errors import SandboxError, SandboxTimeout
 
-#: As over SSH (:mod:`sandbox_kernels.ssh.commands`): no command of ours prints more.
+#: As over SSH (:mod:`sandbox_kernels.ssh.tunnel_commands`): no command of ours prints more.
 MAX_OUTPUT = 64 << 20
 PROTOCOL = "v4.channel.k8s.io"
 _STDIN, _STDOUT, _STDERR, _STATUS = 0, 1, 2, 3

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import SandboxConnectionError, SandboxError
+from ...errors import SandboxConnectionError, SandboxError, SandboxNotFound
 from ...client_sockets import listen_local
 
 _READ_SIZE = 1 << 16
@@ -106,6 +106,28 @@ class PortForwarder:
                 self._thread.start()
         self._log.info("forwarding local %s to port %d of pod %s", sock.getsockname(), pod_port, self._name)
         return port
+
+    def repoint(self, local_port: int, pod_port: int) -> None:
+        """Carry ``local_port``'s connections to ``pod_port`` from now on; those still carried
+        to its old port (a previous kernel's) are closed.
+
+        Raises:
+            SandboxNotFound: no forward listens on ``local_port``.
+        """
+        with self._lock:
+            entry = self._listeners.get(local_port)
+            if entry is None:
+                raise SandboxNotFound(f"no forward listens on local port {local_port}")
+            old = entry[1]
+            self._listeners[local_port] = (entry[0], pod_port)
+            stale = [c for c in self._conns if c.pod_port == old] if old != pod_port else []
+        for conn in stale:
+            conn.close()
+
+    def pause(self) -> None:
+        """The pod's ports are going away (a kernel restart): close the carried connections.
+        New ones open streams that fail until :meth:`repoint`, and clients retry."""
+        self.drop_connections()
 
     def drop_connections(self) -> None:
         """Close every carried connection (listeners stay); clients reconnect through new

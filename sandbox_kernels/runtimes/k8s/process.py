@@ -1,7 +1,7 @@
-"""The kernel process inside the pod, run, watched and signalled through exec.
+"""The :class:`~sandbox_kernels.remote.shell.Shell` of a pod: commands run through exec.
 
-The same small shell scripts as the SSH runtime (:mod:`sandbox_kernels.ssh.remote`) do the
-work: user values are positional parameters of constant scripts, never shell syntax. The
+The same shell scripts as over SSH (:mod:`sandbox_kernels.remote.scripts`) do the work:
+user values are positional parameters of constant scripts, never shell syntax. The
 kernel runs detached under a wrapper that records its exit status, re-parented to the pod's
 init, so it outlives the exec call, and a restart only replaces this process, not the pod.
 
@@ -15,30 +15,19 @@ import signal as signal_module
 from collections.abc import Mapping, Sequence
 
 from ...errors import SandboxConfigError, SandboxError, SandboxStartError
-from ...ssh import remote
-from ...ssh.remote import ProcessStatus
+from ...remote import scripts
+from ...remote.shell import ProcessStatus
+from ...ssh.runner import quote_argv
 from .api import ExecResult, KubeAPI
 from .exec_stream import MAX_OUTPUT
 
 #: The most read back from commands whose answer is a word or a log tail.
 _SMALL_OUTPUT = 64 << 10
 _NUMBER = re.compile(r"[0-9]{1,9}")
-_TAIL_SCRIPT = 'tail -n "$1" -- "$2" | tail -c "$3"'
-
-# $1 target path, $2 octal mode, $3 byte count; the bytes on stdin (an exec stream may not
-# carry an end-of-file, so exactly $3 bytes are read). Written 0600, then renamed.
-_WRITE_SCRIPT = """\
-umask 077
-tmp=$(mktemp "$1.XXXXXX") || exit 1
-head -c "$3" >"$tmp" && [ "$(wc -c <"$tmp")" -eq "$3" ] && chmod "$2" "$tmp" && mv -f -- "$tmp" "$1" && exit 0
-rc=$?
-rm -f -- "$tmp"
-exit "$rc"
-"""
 
 
 class PodProcess:
-    """Exec-based process control in one pod's container.
+    """Exec-based process control in one pod's container (a :class:`Shell`; no push watch).
 
     Args:
         api: the API wrapper.
@@ -49,15 +38,18 @@ class PodProcess:
         self.api = api
         self.pod = pod
 
-    def run(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float = 30.0,
-            limit: int = MAX_OUTPUT) -> ExecResult:
-        """Run ``argv`` in the pod (see :meth:`KubeAPI.exec`); at most ``limit`` bytes of output.
+    #: An exec channel is opened per command: it is never lost for good.
+    gave_up = False
+
+    def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float = 30.0,
+            max_output: int = MAX_OUTPUT) -> ExecResult:
+        """Run ``argv`` in the pod (see :meth:`KubeAPI.exec`); at most ``max_output`` bytes of output.
 
         Raises:
-            SandboxError: more output than ``limit``, or the exec failed.
+            SandboxError: more output than ``max_output``, or the exec failed.
         """
-        remote.quote_argv(argv)  # the same checks as over SSH: a non-empty list of strings
-        return self.api.exec(self.pod, argv, stdin, timeout, limit=limit)
+        quote_argv(argv)  # the same checks as over SSH: a non-empty list of strings
+        return self.api.exec(self.pod, argv, input, timeout, limit=max_output)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600, timeout: float = 30.0) -> None:
         """Write ``data`` to ``path`` in the pod atomically with ``mode``.
@@ -65,12 +57,12 @@ class PodProcess:
         Raises:
             SandboxError: the write failed (message has the pod's stderr).
         """
-        script = ["sh", "-c", _WRITE_SCRIPT, "sandbox-kernels-write", path, f"{mode:o}", str(len(data))]
-        result = self.run(script, stdin=data, timeout=timeout)
+        script = ["sh", "-c", scripts.WRITE_SIZED, "sandbox-kernels-write", path, f"{mode:o}", str(len(data))]
+        result = self.run(script, data, timeout)
         if result.exit_code != 0:
             raise SandboxError(f"writing {path} in pod {self.pod} failed: {_tail(result.stderr)}")
 
-    def start_detached(self, argv: Sequence[str], log_path: str, env: Mapping[str, str],
+    def start_detached(self, argv: Sequence[str], log_path: str, env: Mapping[str, str] | None = None,
                        cwd: str | None = None, timeout: float = 30.0) -> int:
         """Start ``argv`` in a new session with its output in ``log_path`` and its exit status
         recorded in ``<log_path>.exit``.
@@ -82,11 +74,11 @@ class PodProcess:
             SandboxConfigError: a bad command or environment name.
             SandboxStartError: the process could not be started.
         """
-        remote.quote_argv(argv)
-        words = remote._env_words(env)
-        launch = ["sh", "-c", remote._LAUNCH_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path,
-                  remote._WRAPPER_SCRIPT, str(len(words)), *words, *argv]
-        result = self.run(launch, timeout=timeout, limit=_SMALL_OUTPUT)
+        quote_argv(argv)
+        words = scripts.env_words(env or {})
+        launch = ["sh", "-c", scripts.LAUNCH_ARGV, "sandbox-kernels-launch", cwd or "", log_path,
+                  scripts.WRAPPER_ARGV, str(len(words)), *words, *argv]
+        result = self.run(launch, None, timeout, _SMALL_OUTPUT)
         text = result.stdout.decode(errors="replace").strip()
         if result.exit_code != 0 or not _NUMBER.fullmatch(text):
             raise SandboxStartError(
@@ -101,8 +93,8 @@ class PodProcess:
             SandboxError: the check itself failed.
         """
         _check_pid(pid)
-        script = ["sh", "-c", remote._STATUS_SCRIPT, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
-        result = self.run(script, timeout=timeout, limit=_SMALL_OUTPUT)
+        script = ["sh", "-c", scripts.STATUS, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
+        result = self.run(script, None, timeout, _SMALL_OUTPUT)
         words = result.stdout.decode(errors="replace").split()
         if result.exit_code != 0 or not words:
             raise SandboxError(f"checking process {pid} in pod {self.pod} failed: {_tail(result.stderr)}")
@@ -127,8 +119,8 @@ class PodProcess:
             name = signal_module.Signals(signum).name.removeprefix("SIG")
         except ValueError as e:
             raise SandboxConfigError(f"{signum!r} is not a signal number") from e
-        script = ["sh", "-c", remote._SIGNAL_SCRIPT, "sandbox-kernels-signal", name, str(pid)]
-        result = self.run(script, timeout=timeout, limit=_SMALL_OUTPUT)
+        script = ["sh", "-c", scripts.SIGNAL, "sandbox-kernels-signal", name, str(pid)]
+        result = self.run(script, None, timeout, _SMALL_OUTPUT)
         if result.exit_code == 0:
             return True
         if result.exit_code == 3:
@@ -136,12 +128,16 @@ class PodProcess:
         raise SandboxError(f"sending SIG{name} to process {pid} in pod {self.pod} failed: "
                            f"{_tail(result.stderr)}")
 
-    def tail(self, path: str, lines: int = 30, timeout: float = 15.0) -> str:
-        """The last ``lines`` lines of a file in the pod, at most 64 KiB of them ('' if it
-        cannot be read)."""
+    def watch(self, pid: int, log_path: str, timeout: float = 30.0) -> None:
+        """None: exec has no cheap push-style watch; callers ask :meth:`status`."""
+        return None
+
+    def tail(self, path: str, max_bytes: int = _SMALL_OUTPUT, lines: int = 30, timeout: float = 15.0) -> str:
+        """The last ``lines`` lines of a file in the pod, at most ``max_bytes`` of them (a
+        message in brackets if it cannot be read)."""
         try:
-            result = self.run(["sh", "-c", _TAIL_SCRIPT, "sandbox-kernels-tail", str(lines), path,
-                               str(_SMALL_OUTPUT)], timeout=timeout, limit=_SMALL_OUTPUT * 2)
+            result = self.run(["sh", "-c", scripts.TAIL, "sandbox-kernels-tail", str(lines), path,
+                               str(max_bytes)], None, timeout, max_bytes * 2)
         except SandboxError as e:
             return f"(unavailable: {e})"
         return result.stdout.decode(errors="replace")

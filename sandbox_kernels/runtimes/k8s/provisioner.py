@@ -18,22 +18,13 @@ Every Kubernetes call blocks, so each runs off the event loop (``to_thread``).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from traitlets import Bool, Dict, Enum, Float, List, Unicode, validate
 
 from ...aio import to_thread
-from ...client_sockets import ClientSockets, transport_trait
-from ...errors import (
-    SandboxConfigError,
-    SandboxConnectionError,
-    SandboxError,
-    SandboxNotFound,
-    SandboxStartError,
-    SandboxTimeout,
-)
+from ...errors import SandboxConfigError, SandboxConnectionError, SandboxError, SandboxStartError
 from . import checks
 from .api import KubeAPI
 from .forward import PortForwarder
@@ -41,17 +32,16 @@ from .manifest import k8s_labels, network_policy_manifest, pod_manifest
 from .pod_status import container_running, start_problem, unschedulable
 from .process import PodProcess
 from ...labels import PREFIX
-from ...provisioning.base import SandboxProvisioner
+from ...remote.kernel import RemoteKernel
+from ...remote.provisioner import RemoteKernelProvisioner
 from ...settings import env_default
 
 DEFAULT_IMAGE = "sandbox-kernels/python:latest"
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 KERNEL_DIR = "/tmp/sandbox-kernel"
 LABEL_SELECTOR_KEY = f"{PREFIX}/kernel-id"
-_MAX_CONNECTION_FILE = 64 << 10  # read from the pod: more is not a connection file
 
 
-class KubernetesProvisioner(SandboxProvisioner):
+class KubernetesProvisioner(RemoteKernelProvisioner):
     """Runs the kernel in a Kubernetes pod."""
 
     runtime = "k8s"
@@ -104,8 +94,9 @@ class KubernetesProvisioner(SandboxProvisioner):
                                 "resources.limits sets one; '' for none. "
                                 "Env: SANDBOX_K8S_EPHEMERAL_STORAGE.")
     _ephemeral_storage_default = env_default("ephemeral_storage", "SANDBOX_K8S_EPHEMERAL_STORAGE")
-    transport = transport_trait()
-    _transport_default = env_default("transport", "SANDBOX_KERNELS_TRANSPORT")
+
+    #: A restart in the same pod waits this long for the killed kernel to be gone.
+    stop_wait = 5.0
 
     @validate("namespace")
     def _check_namespace(self, proposal: dict[str, Any]) -> str:
@@ -117,10 +108,6 @@ class KubernetesProvisioner(SandboxProvisioner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._api: KubeAPI | None = None
-        self._forwarder: PortForwarder | None = None
-        self._sockets: ClientSockets | None = None
-        self.pid: int | None = None
-        self._remote_ports: dict[str, int] = {}
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -148,10 +135,6 @@ class KubernetesProvisioner(SandboxProvisioner):
         """The pod's name: ``sandbox-kernels-<kernel id>``."""
         return self.sandbox_name
 
-    def _process(self) -> PodProcess:
-        assert self._api is not None
-        return PodProcess(self._api, self.pod_name)
-
     async def _ensure_api(self) -> KubeAPI:
         if self._api is None:
             self._api = await to_thread(KubeAPI, self.namespace, self.kubeconfig, self.context,
@@ -166,12 +149,16 @@ class KubernetesProvisioner(SandboxProvisioner):
         kwargs["cmd"][0] = self.python
         return kwargs
 
-    def configure_transport(self, km: Any) -> None:
-        """Unix sockets in the state directory (or TCP on 127.0.0.1, see ``transport``), bound
-        now and kept for the kernel's lifetime (see :mod:`..client_sockets`)."""
-        if self._sockets is None:
-            self._sockets = ClientSockets(self.transport, self.state_dir)
-        self._sockets.assign(km, self._local_ports)
+    def remote_dir(self) -> str:
+        """One kernel per pod: a fixed directory in it."""
+        return KERNEL_DIR
+
+    async def connect_kernel(self) -> RemoteKernel:
+        """A kernel driven by exec into the pod and reached by its port-forward."""
+        api = await self._ensure_api()
+        forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
+        return RemoteKernel(PodProcess(api, self.pod_name), forwarder, remote_dir=KERNEL_DIR,
+                            launch_timeout=self.launch_timeout, log=self.log, state=self.kernel_state)
 
     async def create_sandbox(self) -> None:
         """Create the pod (after its deny-all NetworkPolicy unless ``allow_network``) and wait
@@ -199,7 +186,6 @@ class KubernetesProvisioner(SandboxProvisioner):
         self.log.info("Creating pod %s/%s (image %s)", self.namespace, self.pod_name, self.image)
         await to_thread(api.create_pod, manifest)
         await self._wait_running()
-        self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
 
     def _open_stream(self, port: int) -> Any:
         assert self._api is not None
@@ -226,60 +212,6 @@ class KubernetesProvisioner(SandboxProvisioner):
                     raise SandboxStartError(f"pod {self.pod_name} cannot be scheduled: {reason}")
             await asyncio.sleep(0.3)
 
-    async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
-        """Write a connection file with port 0 (the kernel picks its ports) and start the
-        kernel detached in the pod."""
-        await self._ensure_api()
-        info = self.sandbox_connection_info()
-        info.update({f"{ch}_port": 0 for ch in CHANNELS}, ip="127.0.0.1", transport="tcp")
-        process = self._process()
-        await to_thread(process.run, ["mkdir", "-p", "-m", "700", KERNEL_DIR])
-        await to_thread(process.run, ["rm", "-f", self._log_path, f"{self._log_path}.exit"])
-        await to_thread(process.write_file, self.sandbox_connection_file(), json.dumps(info).encode())
-        self.pid = await to_thread(process.start_detached, cmd, self._log_path, env)
-        self._remote_ports = {}
-
-    def sandbox_connection_file(self) -> str:
-        """The connection file in the pod."""
-        return f"{KERNEL_DIR}/connection.json"
-
-    @property
-    def _log_path(self) -> str:
-        return f"{KERNEL_DIR}/kernel.log"
-
-    async def wait_ready(self) -> None:
-        """Wait for the kernel to write its ports, then point the local forwards at them."""
-        process = self._process()
-        assert self.pid is not None
-        deadline = time.monotonic() + self.launch_timeout
-        while time.monotonic() < deadline:
-            result = await to_thread(process.run, ["head", "-c", str(_MAX_CONNECTION_FILE),
-                                                   self.sandbox_connection_file()])
-            ports = _ports(result.stdout)
-            if ports:
-                self._point_forwards(ports)
-                return
-            status = await to_thread(process.status, self.pid, self._log_path)
-            if status.state != "running":
-                raise SandboxStartError(
-                    f"the kernel exited during start-up (exit code {status.exit_code}). "
-                    f"Kernel log:\n{await to_thread(process.tail, self._log_path)}")
-            await asyncio.sleep(0.2)
-        raise SandboxTimeout(f"the kernel did not bind its ports within {self.launch_timeout:g} s")
-
-    def _point_forwards(self, ports: dict[str, int]) -> None:
-        if self._forwarder is None:
-            self._forwarder = PortForwarder(self._open_stream, self.pod_name, self.log)
-        if self._sockets is None:  # re-attached from saved state
-            self._sockets = ClientSockets(self.transport, self.state_dir)
-        for ch in CHANNELS:
-            local = int(self.connection_info[f"{ch}_port"])
-            sock = None if local in self._forwarder.forwards else self._sockets.claim(local)
-            self._forwarder.forward(local, ports[ch], sock)
-        if self._remote_ports and self._remote_ports != ports:
-            self._forwarder.drop_connections()  # still carried to the previous kernel
-        self._remote_ports = ports
-
     async def kernel_exit_code(self) -> int | None:
         """The pod's phase and container state first, then the kernel process itself."""
         if self.pid is None:
@@ -294,50 +226,15 @@ class KubernetesProvisioner(SandboxProvisioner):
             return -1
         if pod.status.phase in ("Failed", "Succeeded") or not container_running(pod):
             return -1
-        if self._forwarder is None and self._remote_ports:  # re-attached from saved state
-            self._point_forwards(self._remote_ports)
-        try:
-            status = await to_thread(self._process().status, self.pid, self._log_path, 15)
-        except (SandboxConnectionError, SandboxTimeout) as e:
-            self.log.warning("Kernel %s: exec into the pod failed (%s)", self.kernel_id, e)
-            return None
-        if status.state == "running":
-            return None
-        return status.exit_code if status.exit_code is not None else -1
-
-    async def signal_kernel(self, signum: int) -> None:
-        """Signal the kernel's process group in the pod (by exec); a gone pod has nothing to
-        signal."""
-        if self._api is not None and self.pid is not None:
-            try:
-                await to_thread(self._process().signal, self.pid, signum)
-            except SandboxNotFound:
-                self.log.debug("Kernel %s: pod %s is gone; no signal sent", self.kernel_id, self.pod_name)
-
-    async def stop_kernel(self) -> None:
-        """Kill the kernel before a restart in the same pod and wait until it is gone."""
-        if self._api is None or self.pid is None:
-            return
-        if self._forwarder is not None:  # close the streams first, while their far end is alive
-            await to_thread(self._forwarder.drop_connections)
-        process = self._process()
-        try:
-            await to_thread(process.signal, self.pid, 9)
-            for _ in range(50):
-                if (await to_thread(process.status, self.pid, self._log_path)).state != "running":
-                    break
-                await asyncio.sleep(0.1)
-        except SandboxError as e:
-            self.log.warning("Kernel %s: could not stop the kernel process: %s", self.kernel_id, e)
+        kernel = await self.remote_kernel()
+        if not kernel.forwarder.forwards and self.kernel_state.ports:  # re-attached from saved state
+            kernel.set_local_ends(self.local_ports, self.client_sockets())
+            await to_thread(kernel.point_forwards, self.kernel_state.ports)
+        return await kernel.exit_code()
 
     async def destroy_sandbox(self) -> None:
         """Close the forwards and delete the pod (grace period 0); wait until it is gone."""
-        if self._forwarder is not None:
-            await to_thread(self._forwarder.close)
-            self._forwarder = None
-        if self._sockets is not None:
-            self._sockets.release()
-            self._sockets = None
+        await self.close_kernel()
         self.pid = None
         try:
             api = await self._ensure_api()  # a re-attached kernel may not have a client yet
@@ -365,10 +262,8 @@ class KubernetesProvisioner(SandboxProvisioner):
     async def diagnostics(self) -> str:
         """The pod's events and the kernel log's tail."""
         parts = [await self._events_text()]
-        if self._api is not None and self.pid is not None:
-            tail = await to_thread(self._process().tail, self._log_path)
-            if tail.strip():
-                parts.append(f"Kernel log:\n{tail}")
+        if self.pid is not None:
+            parts.append(await super().diagnostics())
         return "\n".join(p for p in parts if p)
 
     async def _events_text(self) -> str:
@@ -382,25 +277,11 @@ class KubernetesProvisioner(SandboxProvisioner):
 
     def runtime_state(self) -> dict[str, Any]:
         """Pod, namespace, kernel pid and pod ports (for re-attaching)."""
-        return {"pod": self.pod_name, "namespace": self.namespace, "pid": self.pid,
-                "remote_ports": self._remote_ports}
+        return {"pod": self.pod_name, "namespace": self.namespace, **super().runtime_state()}
 
     def load_runtime_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`runtime_state`."""
-        self.pid = state.get("pid")
-        self._remote_ports = state.get("remote_ports", {})
+        super().load_runtime_state(state)
         if state.get("namespace"):
             self.namespace = state["namespace"]
 
-
-def _ports(raw: bytes) -> dict[str, int] | None:
-    try:
-        info = json.loads(raw or b"{}")
-    except ValueError:
-        return None  # being rewritten by the kernel right now
-    if not isinstance(info, dict):
-        return None
-    ports = {ch: info.get(f"{ch}_port") for ch in CHANNELS}
-    if all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports.values()):
-        return ports
-    return None

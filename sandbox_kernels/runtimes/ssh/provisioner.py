@@ -22,17 +22,17 @@ from traitlets import Int, Unicode, validate
 from ...aio import to_thread
 from ...errors import SandboxConfigError, SandboxError
 from ...settings import check_name, env_default
+from ...remote.ssh_provisioner import SSHKernelProvisioner
 from ...ssh.keys import load_private_key
-from .private_dir import DEFAULT_BASE, make_private_dir
 from ...ssh.tunnel import SSHTunnel
-from ..tunnelled import TunnelledProvisioner
+from .private_dir import DEFAULT_BASE, make_private_dir
 
 #: Stands in for the kernel directory in the kernel's command until the directory is made
 #: (its name is chosen on the host, after the command is built).
 _PENDING_DIR = "/nonexistent/sandbox-kernels-dir-not-made-yet"
 
 
-class SSHHostProvisioner(TunnelledProvisioner):
+class SSHHostProvisioner(SSHKernelProvisioner):
     """Runs the kernel on a remote host over SSH."""
 
     runtime = "ssh"
@@ -130,7 +130,7 @@ class SSHHostProvisioner(TunnelledProvisioner):
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str]) -> None:
         """Make the kernel directory first, then name it in the kernel's command."""
-        await self.prepare_remote_dir(await self._tunnel_ready())
+        await self.prepare_remote_dir(await self.tunnel_ready())
         pending = f"{_PENDING_DIR}/connection.json"
         await super().start_kernel([self.sandbox_connection_file() if a == pending else a for a in cmd], env)
 
@@ -156,7 +156,7 @@ class SSHHostProvisioner(TunnelledProvisioner):
 
     async def create_sandbox(self) -> None:
         """Connect and make the kernel's private directory."""
-        await self.prepare_remote_dir(await self._tunnel_ready())
+        await self.prepare_remote_dir(await self.tunnel_ready())
 
     async def destroy_sandbox(self) -> None:
         """Kill the kernel's process group, remove the remote directory, close the tunnel.
@@ -165,7 +165,7 @@ class SSHHostProvisioner(TunnelledProvisioner):
         """
         if self.pid is not None or self._remote_dir is not None:
             try:
-                tunnel = await self._tunnel_ready()
+                tunnel = await self.tunnel_ready()
                 if self.pid is not None:
                     await to_thread(tunnel.signal, self.pid, 9, 15)
                 if self._remote_dir is not None:

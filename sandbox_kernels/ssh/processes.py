@@ -1,8 +1,9 @@
 """Detached processes, files and signals on a sandbox over an existing SSH transport.
 
 Commands run through :func:`sandbox_kernels.ssh.runner.run` (re-exported here): user-controlled
-values never become shell syntax; the few shell scripts here are constants that read their
-data from positional parameters (``"$1"``, ``"$@"``). Environment variable names are checked
+values never become shell syntax; the shell scripts (:mod:`sandbox_kernels.remote.scripts`,
+shared with the Kubernetes exec shell) are constants that read their data from positional
+parameters (``"$1"``, ``"$@"``). Environment variable names are checked
 against a strict pattern; values reach the process byte for byte.
 
 A detached process runs under a small wrapper that starts a new session (``setsid``), so it
@@ -22,120 +23,28 @@ All functions block; call them through ``asyncio.to_thread`` from async code.
 
 from __future__ import annotations
 
-import re
-import shlex
 import signal as signal_module
 from collections.abc import Mapping, Sequence
 
 import paramiko
 
 from ..errors import SandboxConfigError, SandboxError, SandboxStartError
+from ..remote.scripts import (
+    ENV_NAME,
+    LAUNCH_ENV_STDIN,
+    MAX_ENV_BYTES,
+    SIGNAL,
+    STATUS,
+    WRAPPER_ENV_FILE,
+    WRITE,
+    env_file,
+)
 from .runner import DEFAULT_MAX_OUTPUT, SMALL_OUTPUT, CommandResult, check_path, quote_argv, run, tail_text
 from .status import ProcessStatus, ProcessWatch, check_pid, ended, number, parse_int, watch_process
 
-__all__ = ["DEFAULT_MAX_OUTPUT", "CommandResult", "ProcessStatus", "ProcessWatch", "env_file",
-           "parse_int", "process_alive", "process_status", "quote_argv", "run", "send_signal",
+__all__ = ["DEFAULT_MAX_OUTPUT", "ENV_NAME", "MAX_ENV_BYTES", "CommandResult", "ProcessStatus",
+           "ProcessWatch", "env_file", "parse_int", "process_alive", "process_status", "quote_argv", "run", "send_signal",
            "start_detached", "watch_process", "write_file"]
-
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-#: The most bytes of an environment file (names and quoted values) sent to a detached process.
-MAX_ENV_BYTES = 16 << 20
-
-# Positional parameters: $1 cwd ('' = stay in the login directory), $2 log path, $3 the
-# wrapper script, $4 the size of the environment file on stdin, then the command. The log and
-# the environment file are created new (noclobber: a planted symlink fails the start instead of
-# being followed), 0600; the wrapper reads the environment file and removes it.
-_LAUNCH_ENV_STDIN_SCRIPT = """\
-command -v setsid >/dev/null || { echo "setsid (util-linux) is not installed" >&2; exit 125; }
-if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
-log=$2
-wrapper=$3
-size=$4
-shift 4
-rm -f -- "$log" "$log.exit" "$log.env" || exit 125
-(umask 077 && set -C && : >"$log" && head -c "$size" >"$log.env") || exit 125
-[ "$(wc -c <"$log.env")" -eq "$size" ] || { rm -f -- "$log.env"; exit 125; }
-setsid sh -c "$wrapper" sandbox-kernels-wrapper "$log.exit" "$log.env" "$@" </dev/null >>"$log" 2>&1 &
-echo "$!"
-"""
-
-# Positional parameters: $1 exit-status file, $2 environment file (``export NAME='value'``
-# lines, every value quoted by shlex.quote: no expansion), then the command. Traps (not
-# ignores) stop the wrapper dying of a signal meant for the process group; the child gets
-# default handlers back, so an interrupt reaches it as usual.
-_WRAPPER_ENV_FILE_SCRIPT = """\
-exitfile=$1
-envfile=$2
-shift 2
-vars=$(cat -- "$envfile") || exit 125
-rm -f -- "$envfile"
-eval "$vars" || exit 125
-unset vars
-trap : HUP INT QUIT TERM
-"$@"
-rc=$?
-echo "$rc" >"$exitfile"
-exit "$rc"
-"""
-
-# The argv-only protocol (NAME=VALUE words in argv), for launchers whose argv only the sandbox
-# itself can read (a pod's exec). Positional parameters as for _LAUNCH_ENV_STDIN_SCRIPT, without $4.
-_LAUNCH_SCRIPT = """\
-command -v setsid >/dev/null || { echo "setsid (util-linux) is not installed" >&2; exit 125; }
-if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
-log=$2
-wrapper=$3
-shift 3
-rm -f -- "$log" "$log.exit" || exit 125
-(umask 077 && : >"$log") || exit 125
-setsid sh -c "$wrapper" sandbox-kernels-wrapper "$log.exit" "$@" </dev/null >>"$log" 2>&1 &
-echo "$!"
-"""
-
-# $1 exit-status file, $2 number of NAME=VALUE words, the words, argv (see _LAUNCH_SCRIPT).
-_WRAPPER_SCRIPT = """\
-exitfile=$1
-n=$2
-shift 2
-while [ "$n" -gt 0 ]; do export "$1" || exit 125; shift; n=$((n - 1)); done
-trap : HUP INT QUIT TERM
-"$@"
-rc=$?
-echo "$rc" >"$exitfile"
-exit "$rc"
-"""
-
-# Defines alive PID: true if the process exists and is not a zombie (a zombie still takes
-# signals, but has ended).
-_ALIVE = """\
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    [ "$(sed -n 's/^.*) \\(.\\).*$/\\1/p' "/proc/$1/stat" 2>/dev/null)" != Z ]
-}
-"""
-
-# $1 pid, $2 exit-status file.
-_STATUS_SCRIPT = _ALIVE + """\
-if alive "$1"; then echo running; exit 0; fi
-if [ -f "$2" ]; then echo "exited $(head -c 16 -- "$2")"; else echo gone; fi
-"""
-
-# $1 signal name, $2 pid: the process group first (the wrapper made one), then the process.
-# Exit status 3: no such (live) process; its group is signalled all the same, so a dead
-# kernel's leftover children (what a fork bomb left) go too.
-_SIGNAL_SCRIPT = _ALIVE + """\
-if ! alive "$2"; then kill -s "$1" -- "-$2" 2>/dev/null; exit 3; fi
-kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2"
-"""
-
-# $1 target path, $2 octal mode; data on stdin. Written to a 0600 temporary file, then renamed.
-_WRITE_SCRIPT = """\
-tmp=$(mktemp "$1.XXXXXX") || exit 1
-cat >"$tmp" && chmod "$2" "$tmp" && mv -f -- "$tmp" "$1" && exit 0
-rc=$?
-rm -f -- "$tmp"
-exit "$rc"
-"""
 
 
 def start_detached(
@@ -182,8 +91,8 @@ def start_detached(
     check_path(log_path, "log_path", absolute=True)
     if cwd is not None:
         check_path(cwd, "cwd")
-    launch = ["sh", "-c", _LAUNCH_ENV_STDIN_SCRIPT, "sandbox-kernels-launch", cwd or "", log_path,
-              _WRAPPER_ENV_FILE_SCRIPT, str(len(data)), *argv]
+    launch = ["sh", "-c", LAUNCH_ENV_STDIN, "sandbox-kernels-launch", cwd or "", log_path,
+              WRAPPER_ENV_FILE, str(len(data)), *argv]
     result = run(transport, launch, input=data, timeout=timeout, max_output=SMALL_OUTPUT)
     pid = number(result.stdout)
     if result.exit_code != 0 or pid is None:
@@ -206,7 +115,7 @@ def process_status(
     """
     check_pid(pid)
     check_path(log_path, "log_path", absolute=True)
-    script = ["sh", "-c", _STATUS_SCRIPT, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
+    script = ["sh", "-c", STATUS, "sandbox-kernels-status", str(pid), f"{log_path}.exit"]
     result = run(transport, script, timeout=timeout, max_output=SMALL_OUTPUT)
     words = result.stdout.decode(errors="replace").split()
     if result.exit_code != 0 or not words:
@@ -226,7 +135,7 @@ def process_alive(transport: paramiko.Transport, pid: int, timeout: float = 30.0
         SandboxTimeout, SandboxConnectionError: as for :func:`run`.
     """
     check_pid(pid)
-    script = ["sh", "-c", _STATUS_SCRIPT, "sandbox-kernels-status", str(pid), "/nonexistent"]
+    script = ["sh", "-c", STATUS, "sandbox-kernels-status", str(pid), "/nonexistent"]
     return run(transport, script, timeout=timeout, max_output=SMALL_OUTPUT).stdout.startswith(b"running")
 
 
@@ -250,7 +159,7 @@ def send_signal(
         name = signal_module.Signals(signum).name.removeprefix("SIG")
     except ValueError as e:
         raise SandboxConfigError(f"{signum!r} is not a signal number") from e
-    script = ["sh", "-c", _SIGNAL_SCRIPT, "sandbox-kernels-signal", name, str(pid)]
+    script = ["sh", "-c", SIGNAL, "sandbox-kernels-signal", name, str(pid)]
     result = run(transport, script, timeout=timeout, max_output=SMALL_OUTPUT)
     if result.exit_code == 0:
         return True
@@ -280,55 +189,7 @@ def write_file(
     if not 0 <= mode <= 0o7777:
         raise SandboxConfigError(f"file mode {mode!r} is not between 0 and 0o7777")
     target = path if path.startswith("/") else f"./{path}"
-    script = ["sh", "-c", _WRITE_SCRIPT, "sandbox-kernels-write", target, f"{mode:o}"]
+    script = ["sh", "-c", WRITE, "sandbox-kernels-write", target, f"{mode:o}"]
     result = run(transport, script, input=data, timeout=timeout, max_output=SMALL_OUTPUT)
     if result.exit_code != 0:
         raise SandboxError(f"writing {path} on the sandbox failed: {tail_text(result.stderr)}")
-
-
-def env_file(env: Mapping[str, str]) -> bytes:
-    """``env`` as ``export NAME='value'`` lines for a POSIX shell, every value quoted by
-    ``shlex.quote`` (so no ``$``, backtick or ``;`` is ever evaluated).
-
-    Raises:
-        SandboxConfigError: a name does not match the pattern, a value is not a string or
-            holds NUL, or the whole is larger than ``MAX_ENV_BYTES``.
-    """
-    data = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in _checked_env(env))
-    encoded = data.encode("utf-8", errors="surrogateescape")
-    if len(encoded) > MAX_ENV_BYTES:
-        raise SandboxConfigError(
-            f"the kernel's environment is {len(encoded)} bytes; at most {MAX_ENV_BYTES} are sent")
-    return encoded
-
-
-def _env_words(env: Mapping[str, str]) -> list[str]:
-    """Turn ``env`` into ``NAME=VALUE`` words after checking every name and value.
-
-    Only for launchers whose argv nobody but the sandbox can read (see ``_LAUNCH_SCRIPT``).
-
-    Raises:
-        SandboxConfigError: a name does not match the pattern or a value is not a string.
-    """
-    return [f"{name}={value}" for name, value in _checked_env(env)]
-
-
-def _checked_env(env: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The items of ``env`` after checking every name and value.
-
-    Raises:
-        SandboxConfigError: a name does not match the pattern or a value is not a string.
-    """
-    items = []
-    for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
-            raise SandboxConfigError(
-                f"environment variable name {name!r} is invalid: use letters, digits and '_', "
-                "not starting with a digit."
-            )
-        if not isinstance(value, str) or "\0" in value:
-            raise SandboxConfigError(f"environment variable {name} must be a string without NUL")
-        items.append((name, value))
-    return items
-
-

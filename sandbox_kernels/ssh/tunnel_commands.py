@@ -1,6 +1,6 @@
-"""Remote commands as methods of a connection object (mixed into ``SSHTunnel``).
+"""Remote commands as methods of the tunnel (mixed into ``SSHTunnel``).
 
-The work is done by :mod:`sandbox_kernels.ssh.remote`; this mixin connects first when needed,
+The work is done by the transport-level functions of :mod:`sandbox_kernels.ssh.processes`; this mixin connects first when needed,
 spends one deadline on connecting and running, and remembers the log path of each detached
 process so callers can ask about it by pid alone.
 """
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import paramiko
 
 from ..errors import SandboxConfigError, SandboxNotFound
-from . import remote
+from . import processes
 from .status import ProcessWatch, watch_process
 
 
@@ -48,9 +48,9 @@ class RemoteCommands(ABC):
         argv: Sequence[str],
         input: bytes | None = None,
         timeout: float = 60.0,
-        max_output: int = remote.DEFAULT_MAX_OUTPUT,
-    ) -> remote.CommandResult:
-        """Run ``argv`` on the sandbox; see :func:`sandbox_kernels.ssh.remote.run`.
+        max_output: int = processes.DEFAULT_MAX_OUTPUT,
+    ) -> processes.CommandResult:
+        """Run ``argv`` on the sandbox; see :func:`sandbox_kernels.ssh.processes.run`.
 
         ``max_output`` caps stdout plus stderr: pass a small one for commands that read files
         the sandbox writes.
@@ -66,7 +66,7 @@ class RemoteCommands(ABC):
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        return remote.run(transport, argv, input, _remaining(deadline), max_output)
+        return processes.run(transport, argv, input, _remaining(deadline), max_output)
 
     def start_detached(
         self,
@@ -77,7 +77,7 @@ class RemoteCommands(ABC):
         timeout: float = 30.0,
     ) -> int:
         """Start a process that outlives the SSH connection; see
-        :func:`sandbox_kernels.ssh.remote.start_detached`.
+        :func:`sandbox_kernels.ssh.processes.start_detached`.
 
         Returns:
             The remote pid (leader of the process's group).
@@ -92,24 +92,24 @@ class RemoteCommands(ABC):
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        pid = remote.start_detached(transport, argv, log_path, env, cwd, _remaining(deadline))
+        pid = processes.start_detached(transport, argv, log_path, env, cwd, _remaining(deadline))
         with self._detached_lock:
             self._detached[pid] = log_path
         self._logger.debug("started %r as remote pid %d (log %s)", argv[0], pid, log_path)
         return pid
 
     def write_file(self, path: str, data: bytes, mode: int = 0o600, timeout: float = 60.0) -> None:
-        """Write a remote file atomically; see :func:`sandbox_kernels.ssh.remote.write_file`.
+        """Write a remote file atomically; see :func:`sandbox_kernels.ssh.processes.write_file`.
 
         Raises:
             SandboxConfigError, SandboxError, SandboxTimeout, SandboxConnectionError: as there.
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        remote.write_file(transport, path, data, mode, _remaining(deadline))
+        processes.write_file(transport, path, data, mode, _remaining(deadline))
 
     def signal(self, pid: int, signum: int, timeout: float = 30.0) -> bool:
-        """Signal a remote process group; see :func:`sandbox_kernels.ssh.remote.send_signal`.
+        """Signal a remote process group; see :func:`sandbox_kernels.ssh.processes.send_signal`.
 
         Returns:
             ``False`` if the process no longer runs.
@@ -119,7 +119,7 @@ class RemoteCommands(ABC):
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        return remote.send_signal(transport, pid, signum, _remaining(deadline))
+        return processes.send_signal(transport, pid, signum, _remaining(deadline))
 
     def process_alive(self, pid: int, timeout: float = 30.0) -> bool:
         """Whether remote process ``pid`` exists and is not a zombie.
@@ -129,13 +129,13 @@ class RemoteCommands(ABC):
         """
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        return remote.process_alive(transport, pid, _remaining(deadline))
+        return processes.process_alive(transport, pid, _remaining(deadline))
 
     def process_status(
         self, pid: int, log_path: str | None = None, timeout: float = 30.0
-    ) -> remote.ProcessStatus:
+    ) -> processes.ProcessStatus:
         """Running, exited (with code) or gone; see
-        :func:`sandbox_kernels.ssh.remote.process_status`.
+        :func:`sandbox_kernels.ssh.processes.process_status`.
 
         Args:
             pid: a pid from :meth:`start_detached`.
@@ -152,7 +152,7 @@ class RemoteCommands(ABC):
             raise SandboxConfigError(f"pid {pid} was not started here: pass its log_path")
         deadline = time.monotonic() + timeout
         transport = self._transport_for_call(timeout)
-        return remote.process_status(transport, pid, log_path, _remaining(deadline))
+        return processes.process_status(transport, pid, log_path, _remaining(deadline))
 
     def watch_process(self, pid: int, log_path: str, timeout: float = 30.0) -> ProcessWatch:
         """A cheap, push-style watch of a detached process; see :func:`sandbox_kernels.ssh.status.watch_process`.

@@ -1,0 +1,1 @@
+"""The remote-kernel protocol: Shell, Forwarder, RemoteKernel (see kernel.py)."""
