@@ -84,8 +84,8 @@ class RemoteKernelProvisioner(SandboxProvisioner):
         return kernel
 
     @property
-    def local_ports(self) -> dict[str, int]:
-        """Channel -> the client's local port, from the connection info."""
+    def channel_ports(self) -> dict[str, int]:
+        """Channel (``"shell"``, ...) -> the client's local port, from the connection info."""
         return {ch: int(self.connection_info[f"{ch}_port"]) for ch in CHANNELS}
 
     def client_sockets(self) -> ClientSockets:
@@ -108,7 +108,7 @@ class RemoteKernelProvisioner(SandboxProvisioner):
     def configure_transport(self, km: Any) -> None:
         """Unix sockets in the state directory (or TCP on 127.0.0.1, see ``transport``), bound
         now and held for the forwards; a restart keeps them."""
-        self.client_sockets().assign(km, self._local_ports)
+        self.client_sockets().assign(km, self.local_ports)
 
     def sandbox_connection_file(self) -> str:
         """The connection file lives in the remote kernel directory."""
@@ -122,7 +122,7 @@ class RemoteKernelProvisioner(SandboxProvisioner):
     async def wait_ready(self) -> None:
         """Wait for the kernel's ports, then point the local ends at them."""
         kernel = await self.remote_kernel()
-        await kernel.wait_ready(self.local_ports, self.client_sockets())
+        await kernel.wait_ready(self.channel_ports, self.client_sockets())
 
     async def kernel_exit_code(self) -> int | None:
         """-1 if no kernel is held or the machine stopped; else the kernel's own answer."""

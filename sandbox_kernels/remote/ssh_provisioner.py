@@ -106,7 +106,7 @@ class SSHKernelProvisioner(RemoteKernelProvisioner):
 
     def _forward(self, tunnel: SSHTunnel, ports: dict[str, int]) -> None:
         assert self.kernel is not None
-        self.kernel.set_local_ends(self.local_ports, self.client_sockets())
+        self.kernel.set_local_ends(self.channel_ports, self.client_sockets())
         self.kernel.point_forwards(ports)
 
     def _pause_forwards(self) -> None:

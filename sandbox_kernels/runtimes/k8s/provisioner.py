@@ -228,7 +228,7 @@ class KubernetesProvisioner(RemoteKernelProvisioner):
             return -1
         kernel = await self.remote_kernel()
         if not kernel.forwarder.forwards and self.kernel_state.ports:  # re-attached from saved state
-            kernel.set_local_ends(self.local_ports, self.client_sockets())
+            kernel.set_local_ends(self.channel_ports, self.client_sockets())
             await to_thread(kernel.point_forwards, self.kernel_state.ports)
         return await kernel.exit_code()
 
