@@ -35,8 +35,9 @@ class SandboxKernelsExtension(ExtensionApp):
     def _reap(self) -> None:
         from sandbox_kernels.reap import reap
 
+        config = self.serverapp.config if self.serverapp is not None else self.config
         try:
-            removed = reap()
+            removed = reap(config=config)  # the admin's settings (namespace, images_dir, ...)
         except Exception as e:  # never let a clean-up problem take the server down
             self.log.warning("sandbox-kernels: reaping orphaned sandboxes failed: %s", e)
             return

@@ -139,7 +139,8 @@ class SnapshotHandler(_Base):
 
 
 class RuntimesHandler(APIHandler):
-    """Which runtimes work on this server, and how to fix those that do not."""
+    """Which runtimes work on this server, and how to fix those that do not: every runtime
+    record's ``doctor``, with the server's configuration (``c.DockerProvisioner.image``, ...)."""
 
     auth_resource = "kernelspecs"
 
@@ -148,7 +149,7 @@ class RuntimesHandler(APIHandler):
     async def get(self) -> None:
         from sandbox_kernels import doctor
 
-        reports = await asyncio.to_thread(doctor.check_all)
+        reports = await asyncio.to_thread(doctor.check_all, self.config)
         self.finish(json.dumps([r.to_dict() for r in reports]))
 
 

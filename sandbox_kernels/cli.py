@@ -38,14 +38,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    if args.kind == "docker":
-        from .runtimes.docker.image import build_docker_image
+    from .runtimes import registry
 
-        print(build_docker_image(force=args.force))
-    else:
-        from .runtimes.vm.image import build_vm_image
-
-        print(build_vm_image(force=args.force))
+    build = registry.get(args.kind).load("image")
+    print(build(force=args.force))
     return 0
 
 
@@ -63,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sandbox-kernels",
         description="Jupyter kernels in VMs, containers, pods and SSH hosts.",
     )
+    from .runtimes import registry
+
+    records = registry.records()  # only the records: no runtime's dependencies are imported
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_install_kernelspecs)
 
     p = sub.add_parser("doctor", help="check which runtimes can work here and how to fix them")
-    p.add_argument("runtime", nargs="?", choices=["docker", "libvirt", "k8s", "ssh"])
+    p.add_argument("runtime", nargs="?", choices=[r.name for r in records])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--strict", action="store_true", help="exit 1 if a runtime is not usable")
     p.set_defaults(func=_doctor)
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("image", help="build or check sandbox images").add_subparsers(
         dest="image_command", required=True)
     p = image.add_parser("build", help="build the Docker image or the VM disk image")
-    p.add_argument("kind", choices=["docker", "vm"])
+    p.add_argument("kind", choices=[r.user_name for r in records if r.image])
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=_image_build)
     p = image.add_parser("check", help="boot a VM image and check the guest contract")
@@ -98,16 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Sub-commands defined by feature modules (snapshots, reaping, golden VM snapshots)."""
+    """Sub-commands defined by feature modules (snapshots, reaping, kernelspecs) and by the
+    runtimes' records (the VM runtime's golden snapshots)."""
     import importlib
 
+    from .runtimes import registry
+
     found = []
-    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.runtimes.vm.golden_cli",
-                 "sandbox_kernels.kernelspec_cli"):
-        try:
-            found.append(importlib.import_module(name).add_parser)
-        except ModuleNotFoundError:
-            continue
+    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.kernelspec_cli"):
+        found.append(importlib.import_module(name).add_parser)
+    for record in registry.records():
+        if record.commands:
+            try:
+                found.append(record.load("commands"))
+            except SandboxError:
+                continue  # its dependencies are missing: `doctor` says which extra brings them
     return found
 
 

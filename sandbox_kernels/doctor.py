@@ -1,13 +1,17 @@
-"""``sandbox-kernels doctor``: can each runtime work here, and if not, what to do."""
+"""``sandbox-kernels doctor``: can each runtime work here, and if not, what to do.
+
+Each runtime's record names its check (``runtimes/<name>/doctor.py``); the check reads the
+runtime's settings (its provisioner's traits, built from the admin's configuration and the
+environment, launching nothing), never the environment itself.
+"""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import SandboxError
-from .runtimes.registry import RUNTIMES
+from .runtimes import registry
 
 
 @dataclass
@@ -25,39 +29,27 @@ class RuntimeReport:
         return asdict(self)
 
 
-def _check_module(name: str) -> Callable[[RuntimeReport], None] | None:
-    module = {
-        "docker": "sandbox_kernels.runtimes.docker.doctor",
-        "libvirt": "sandbox_kernels.runtimes.vm.doctor",
-        "k8s": "sandbox_kernels.runtimes.k8s.doctor",
-        "ssh": "sandbox_kernels.runtimes.ssh.doctor",
-    }[name]
-    try:
-        return importlib.import_module(module).check  # type: ignore[no-any-return]
-    except ModuleNotFoundError:
-        return None
+def check(name: str, config: Any = None) -> RuntimeReport:
+    """Check one runtime with the admin's Jupyter ``config`` (default: none, the environment
+    only); never raises for an unusable runtime, it reports it.
 
-
-def check(name: str) -> RuntimeReport:
-    """Check one runtime; never raises for an unusable runtime, it reports it."""
-    runtime = RUNTIMES[name]
-    report = RuntimeReport(name, runtime.kernel_name, ok=True)
-    checker = _check_module(name)
-    if checker is None:
-        report.ok = False
-        report.details.append("this runtime is not part of this version of sandbox-kernels")
-        return report
+    Raises:
+        SandboxUnavailable: ``name`` is not a known runtime.
+    """
+    record = registry.get(name)
+    report = RuntimeReport(record.name, record.kernel_name, ok=True)
     try:
-        checker(report)
+        checker = record.load("doctor")
+        checker(report, record.settings(config))
     except SandboxError as e:
         report.ok = False
         report.details.append(str(e))
     return report
 
 
-def check_all() -> list[RuntimeReport]:
-    """Check every known runtime."""
-    return [check(name) for name in RUNTIMES]
+def check_all(config: Any = None) -> list[RuntimeReport]:
+    """Check every known runtime (blocking: call it off the event loop)."""
+    return [check(record.name, config) for record in registry.records()]
 
 
 def format_reports(reports: list[RuntimeReport]) -> str:

@@ -18,34 +18,30 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from . import kernelspecs
 from .errors import SandboxConfigError, SandboxNotFound
-from .runtimes.registry import RUNTIMES, Runtime, load
+from .runtimes import registry
+from .runtimes.registry import RuntimeRecord
 from .settings import check_name, parse_size
 
-#: The names users type for each runtime (``vm`` is the libvirt runtime).
-RUNTIME_ALIASES = {"vm": "libvirt", "docker": "docker", "k8s": "k8s", "ssh": "ssh"}
-#: Which setting each convenience option sets, per runtime (absent: not offered there).
-_OPTION_SETTINGS = {
-    "memory": {"docker": "memory", "libvirt": "memory_mb", "k8s": "resources"},
-    "cpus": {"docker": "cpus", "libvirt": "vcpus", "k8s": "resources"},
-    "image": {"docker": "image", "libvirt": "base_image", "k8s": "image"},
-    "host": {"ssh": "host"},
-}
+
+def runtime_aliases() -> dict[str, str]:
+    """The names users type for each runtime (``vm`` is the libvirt runtime), from the records."""
+    return {record.user_name: record.name for record in registry.records()}
 
 
-def runtime_for(name: str) -> Runtime:
+def runtime_for(name: str) -> RuntimeRecord:
     """The runtime record for a name a user typed (``vm``, ``docker``, ``k8s``, ``ssh``).
 
     Raises:
         SandboxConfigError: an unknown runtime name.
     """
-    try:
-        return RUNTIMES[RUNTIME_ALIASES[name]]
-    except KeyError:
+    aliases = runtime_aliases()
+    if name not in aliases:
         raise SandboxConfigError(
-            f"--runtime {name!r} is not a runtime: use one of {', '.join(RUNTIME_ALIASES)}.") from None
+            f"--runtime {name!r} is not a runtime: use one of {', '.join(aliases)}.")
+    return registry.get(aliases[name])
 
 
-def provisioner_config(runtime: Runtime, *, memory: str | None = None, cpus: float | None = None,
+def provisioner_config(runtime: RuntimeRecord, *, memory: str | None = None, cpus: float | None = None,
                        image: str | None = None, host: str | None = None,
                        settings: Sequence[str] = ()) -> dict[str, Any]:
     """Turn the command's options into a kernelspec provisioner config.
@@ -58,7 +54,7 @@ def provisioner_config(runtime: Runtime, *, memory: str | None = None, cpus: flo
     for option, value in given.items():
         if value is None:
             continue
-        setting = _OPTION_SETTINGS[option].get(runtime.name)
+        setting = runtime.options.get(option)
         if setting is None:
             raise SandboxConfigError(f"--{option} does not apply to the {runtime.kernel_name} runtime; "
                                      f"see `sandbox-kernels kernelspec create --help`.")
@@ -87,7 +83,7 @@ def provisioner_config(runtime: Runtime, *, memory: str | None = None, cpus: flo
     return config
 
 
-def check_config(runtime: Runtime, kernel_spec: dict[str, Any], config: dict[str, Any]) -> None:
+def check_config(runtime: RuntimeRecord, kernel_spec: dict[str, Any], config: dict[str, Any]) -> None:
     """Build the provisioner as a kernel start would, so every setting is checked now.
 
     Raises:
@@ -95,7 +91,7 @@ def check_config(runtime: Runtime, kernel_spec: dict[str, Any], config: dict[str
     """
     from jupyter_client.kernelspec import KernelSpec
 
-    cls = load(runtime.name)
+    cls = runtime.load("provisioner")
     provisioner = cls(kernel_id="kernelspec-check", kernel_spec=KernelSpec(**kernel_spec), **config)
     provisioner.validate_settings()
 
@@ -124,7 +120,7 @@ def create(name: str, runtime_name: str, *, display_name: str | None = None, mem
 
 def sandbox_specs() -> dict[str, dict[str, Any]]:
     """Installed kernelspecs whose provisioner is one of ours, by name."""
-    ours = {runtime.kernel_name: runtime for runtime in RUNTIMES.values()}
+    ours = {runtime.kernel_name: runtime for runtime in registry.records()}
     entry_points = {_provisioner_name(name): runtime for name, runtime in ours.items()}
     found = {}
     for name, info in KernelSpecManager().get_all_specs().items():
@@ -221,7 +217,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         dest="kernelspec_command", required=True)
     p = group.add_parser("create", help="write a kernelspec for a runtime with your settings")
     p.add_argument("name", help="kernel name (letters, digits, '_', '.', '-')")
-    p.add_argument("--runtime", required=True, choices=list(RUNTIME_ALIASES))
+    p.add_argument("--runtime", required=True, choices=list(runtime_aliases()))
     p.add_argument("--display-name", help="what JupyterLab shows (default: the runtime's, with NAME)")
     p.add_argument("--memory", help="memory, e.g. 4g (docker, vm, k8s)")
     p.add_argument("--cpus", type=float, help="CPUs (docker, vm, k8s)")

@@ -4,21 +4,26 @@ Everything we create carries owner labels (host and pid of the Jupyter server or
 process that started it). After a crash those processes are gone and their containers,
 domains, pods, overlays and state directories are orphans. ``reap`` lists them (dry run, the
 default) or removes them (``--yes``). Sandboxes of live owners are never touched.
+
+Each runtime says how its orphans are found (its record's :class:`OrphanFinder`, in
+``runtimes/<name>/orphans.py``); this module iterates the records and adds what they share:
+the per-kernel directories, which go once no sandbox and no live control socket needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
-from . import labels
-from .cache import cache_dir
 from .errors import SandboxError
-from .runtimes.docker.dirs import remove_state_dir
-from .settings import default_state_root
+from .runtimes import registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,95 +36,122 @@ class Orphan:
     kernel_id: str = ""  # whose files may go as soon as this is removed
 
 
-def _containers() -> list[Orphan]:
-    from .runtimes.docker.engine import DockerEngine
+class OrphanFinder(ABC):
+    """How one runtime's leftovers are found: orphans for ``reap``, leaks for the test session.
 
-    try:
-        engine = DockerEngine(timeout=10)
-    except SandboxError:
-        return []
-    found = []
-    for row in engine.find():
-        if not labels.owner_alive(row.get("Labels") or {}):
-            cid = row["Id"]
-            found.append(Orphan("container", f"{row['Names'][0].lstrip('/')} ({cid[:12]})",
-                                lambda cid=cid: engine.remove(cid),
-                                (row.get("Labels") or {}).get(labels.KERNEL_ID, "")))
-    return found
-
-
-def _domains() -> list[Orphan]:
-    try:
-        from .runtimes.vm.libvirt_conn import LibvirtHost
-
-        host = LibvirtHost()
-        names = host.list_domains()
-    except SandboxError:
-        return []
-    found = []
-    for name in names:
-        if not labels.owner_alive(host.labels(name)):
-            found.append(Orphan("domain", name, lambda name=name: host.destroy(name),
-                                name[len(labels.DOMAIN_PREFIX):]))
-    return found
-
-
-def _passt(existing: set[str]) -> list[Orphan]:
-    """passt processes (the outbound NICs of VMs with allow_network) whose VM is gone.
-
-    passt exits when its QEMU does, so these are stuck ones.
+    Built with the runtime's settings (its provisioner, built from the admin's configuration,
+    launching nothing). Every method is called off the event loop and returns nothing (rather
+    than raising) when the runtime's engine does not answer.
     """
-    from .runtimes.vm import outbound
 
-    return [Orphan("passt", f"pid {pid} (kernel {kid})", lambda pid=pid, kid=kid: outbound.stop_process(pid, kid))
-            for pid, kid in outbound.leftover_processes() if kid not in existing]
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def orphans(self) -> list[Orphan]:
+        """This host's sandboxes whose owner process is gone (called by ``reap``)."""
+
+    @abstractmethod
+    def existing(self) -> set[str]:
+        """Kernel ids whose sandbox exists, whoever owns it: their directories stay."""
+
+    def directories(self) -> list[tuple[str, Path]]:
+        """``(kind, root)`` of per-kernel directories (``root/<kernel id>``) this runtime makes.
+
+        Default: the state directories (``state_root``); extend it, calling ``super()``.
+        """
+        return [("state", Path(self.settings.state_root))]
+
+    @abstractmethod
+    def leaks(self, session: str) -> dict[str, list[str]]:
+        """What test session ``session`` (the ``sandbox-kernels.session`` label) left, by kind
+        (called by the tests' leak check at the start and the end of a session)."""
+
+    @abstractmethod
+    def remove_leaks(self, leaks: dict[str, list[str]]) -> None:
+        """Best-effort removal of the kinds of ``leaks`` that :meth:`leaks` reports."""
 
 
-def _pods(namespace: str, kubeconfig: str) -> list[Orphan]:
-    """Kernel pods and their NetworkPolicies in ``namespace`` whose owner ran on this host and
-    is gone (a policy is listed on its own too: it outlives a pod deleted by hand).
+def finders(config: Any = None, **overrides: Any) -> list[OrphanFinder]:
+    """One finder per runtime whose dependencies are installed, built from Jupyter ``config``.
 
-    Nothing is listed when no Kubernetes configuration exists or the cluster does not answer.
+    ``overrides`` set settings a record offers to ``reap`` (``namespace="x"``); empty values
+    are ignored.
     """
-    import socket
-
-    from .runtimes.k8s.manifest import k8s_labels
-
-    selector = f"{labels.PREFIX}/kernel-id"
-    try:
-        from .runtimes.k8s.api import KubeAPI
-
-        api = KubeAPI(namespace, kubeconfig, request_timeout=10)
-        pods = api.list_pods(selector)
-        policies = api.list_network_policies(selector)
-    except SandboxError:
-        return []
-    here = k8s_labels({labels.OWNER_HOST: socket.gethostname()})[f"{labels.PREFIX}/owner-host"]
     found = []
-    for kind, items, delete in (("pod", pods, api.delete_pod),
-                                ("network policy", policies, api.delete_network_policy)):
-        for item in items:
-            item_labels = item.metadata.labels or {}
-            if item_labels.get(f"{labels.PREFIX}/owner-host") != here:
-                continue  # another host's: never ours to judge
-            owner = {labels.OWNER_HOST: socket.gethostname(),
-                     labels.OWNER_PID: item_labels.get(f"{labels.PREFIX}/owner-pid", "0")}
-            if not labels.owner_alive(owner):
-                name = item.metadata.name
-                found.append(Orphan(kind, f"{namespace}/{name}", lambda name=name, delete=delete: delete(name),
-                                    item_labels.get(f"{labels.PREFIX}/kernel-id", "")))
+    for record in registry.records():
+        try:
+            settings = record.settings(config)
+            for name in record.reap_options:
+                if overrides.get(name):
+                    setattr(settings, name, overrides[name])
+            found.append(record.load("orphans")(settings))
+        except SandboxError as e:
+            log.debug("reap: skipping the %s runtime: %s", record.name, e)
     return found
 
 
-def _directories(live_kernels: set[str], min_age: float, orphaned: frozenset[str] | set[str] = frozenset()) -> list[Orphan]:
+def find_orphans(min_age: float = 600.0, config: Any = None, **overrides: Any) -> list[Orphan]:
+    """Orphaned containers, domains, pods, overlays and state directories of this host.
+
+    A directory is kept while its kernel's control socket answers or any sandbox for its
+    kernel id still exists (an orphaned one is reaped first, then its files). ``config`` is
+    the admin's Jupyter configuration; ``overrides`` are the ``reap`` command's options (for
+    example the Kubernetes ``namespace`` and ``kubeconfig``; their defaults are the settings').
+    """
+    found = finders(config, **overrides)
+    orphans = _unique(orphan for finder in found for orphan in finder.orphans())
+    orphans += _directories(found, _live_kernels(found) | _existing(found), min_age)
+    return orphans
+
+
+def reap(min_age: float = 600.0, config: Any = None, **overrides: Any) -> list[str]:
+    """Remove every orphan (then the files that removal freed); return what was removed.
+
+    Errors removing one orphan are reported in the list and do not stop the others.
+    """
+    done, reaped = [], set()
+    for orphan in find_orphans(min_age, config, **overrides):
+        try:
+            orphan.remove()
+            done.append(f"removed {orphan.kind} {orphan.name}")
+            if orphan.kernel_id:
+                reaped.add(orphan.kernel_id)
+        except SandboxError as e:
+            done.append(f"could not remove {orphan.kind} {orphan.name}: {e}")
+    # The files of the sandboxes just removed (and any others old enough) go now.
+    found = finders(config, **overrides)
+    for orphan in _directories(found, _live_kernels(found) | _existing(found), min_age, reaped):
+        orphan.remove()
+        done.append(f"removed {orphan.kind} {orphan.name}")
+    return done
+
+
+def _unique(orphans: Iterable[Orphan]) -> list[Orphan]:
+    """Drop repeats (two runtimes may share an engine, e.g. a Docker runtime variant)."""
+    seen, unique = set(), []
+    for orphan in orphans:
+        if (orphan.kind, orphan.name) not in seen:
+            seen.add((orphan.kind, orphan.name))
+            unique.append(orphan)
+    return unique
+
+
+def _roots(found: list[OrphanFinder]) -> list[tuple[str, Path]]:
+    return list(dict.fromkeys(root for finder in found for root in finder.directories()))
+
+
+def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: float,
+                 orphaned: frozenset[str] | set[str] = frozenset()) -> list[Orphan]:
     """State and overlay directories of kernels that are not live.
 
     Those of ``orphaned`` kernels (whose sandbox was just reaped) go at once; others only
     once older than ``min_age``.
     """
-    found = []
-    roots = [("state", Path(default_state_root())), ("overlay", cache_dir() / "ephemeral")]
-    for kind, root in roots:  # orphans' files go once their domain or container is gone
+    from .runtimes.docker.dirs import remove_state_dir  # unmounts a Docker kernel's ipc/ too
+
+    result = []
+    for kind, root in _roots(found):  # orphans' files go once their domain or container is gone
         if not root.is_dir():
             continue
         for entry in root.iterdir():
@@ -127,8 +159,15 @@ def _directories(live_kernels: set[str], min_age: float, orphaned: frozenset[str
             # anything younger than min_age.
             old_enough = entry.name in orphaned or _age(entry) >= min_age
             if entry.is_dir() and entry.name not in live_kernels and old_enough:
-                found.append(Orphan(kind, str(entry), lambda p=entry: remove_state_dir(p)))
-    return found
+                result.append(Orphan(kind, str(entry), lambda p=entry: remove_state_dir(p)))
+    return result
+
+
+def _existing(found: list[OrphanFinder]) -> set[str]:
+    ids: set[str] = set()
+    for finder in found:
+        ids |= finder.existing()
+    return ids
 
 
 def _age(path: Path) -> float:
@@ -138,47 +177,12 @@ def _age(path: Path) -> float:
         return 0.0
 
 
-def find_orphans(min_age: float = 600.0, namespace: str = "", kubeconfig: str = "") -> list[Orphan]:
-    """Orphaned containers, domains, pods, overlays and state directories of this host.
-
-    A directory is kept while its kernel's control socket answers or any domain or container
-    for its kernel id still exists (an orphaned one is reaped first, then its files). Pods are
-    looked for in ``namespace`` (default: SANDBOX_K8S_NAMESPACE, else "default") of the
-    cluster ``kubeconfig`` names (default: SANDBOX_K8S_KUBECONFIG, $KUBECONFIG, ~/.kube/config).
-    """
-    import os
-
-    namespace = namespace or os.environ.get("SANDBOX_K8S_NAMESPACE", "") or "default"
-    kubeconfig = kubeconfig or os.environ.get("SANDBOX_K8S_KUBECONFIG", "")
-    orphans = _containers() + _domains() + _pods(namespace, kubeconfig)
-    orphans += _passt(_existing_sandbox_ids())
-    orphans += _directories(_live_kernels() | _existing_sandbox_ids(), min_age)
-    return orphans
-
-
-def _existing_sandbox_ids() -> set[str]:
-    ids: set[str] = set()
-    try:
-        from .runtimes.docker.engine import DockerEngine
-
-        engine = DockerEngine(timeout=10)
-        ids |= {(row.get("Labels") or {}).get(labels.KERNEL_ID, "") for row in engine.find()}
-    except SandboxError:
-        pass
-    try:
-        from .runtimes.vm.libvirt_conn import LibvirtHost
-
-        ids |= {name[len(labels.DOMAIN_PREFIX):] for name in LibvirtHost().list_domains()}
-    except SandboxError:
-        pass
-    return ids
-
-
-def _live_kernels() -> set[str]:
+def _live_kernels(found: list[OrphanFinder]) -> set[str]:
     """Kernel ids whose sandbox still has a live owner (their directories stay)."""
     live: set[str] = set()
-    root = Path(default_state_root())
-    if root.is_dir():
+    for kind, root in _roots(found):
+        if kind != "state" or not root.is_dir():
+            continue
         for entry in root.iterdir():
             sock = entry / "control.sock"
             if sock.exists() and _socket_answers(sock):
@@ -198,34 +202,14 @@ def _socket_answers(path: Path) -> bool:
     return True
 
 
-def reap(min_age: float = 600.0, namespace: str = "", kubeconfig: str = "") -> list[str]:
-    """Remove every orphan (then the files that removal freed); return what was removed.
-
-    Errors removing one orphan are reported in the list and do not stop the others.
-    """
-    done, reaped = [], set()
-    for orphan in find_orphans(min_age, namespace, kubeconfig):
-        try:
-            orphan.remove()
-            done.append(f"removed {orphan.kind} {orphan.name}")
-            if orphan.kernel_id:
-                reaped.add(orphan.kernel_id)
-        except SandboxError as e:
-            done.append(f"could not remove {orphan.kind} {orphan.name}: {e}")
-    # The files of the sandboxes just removed (and any others old enough) go now.
-    for orphan in _directories(_live_kernels() | _existing_sandbox_ids(), min_age, reaped):
-        orphan.remove()
-        done.append(f"removed {orphan.kind} {orphan.name}")
-    return done
-
-
 def _run(args: argparse.Namespace) -> int:
-    orphans = find_orphans(args.min_age, args.namespace, args.kubeconfig)
+    overrides = {name: getattr(args, name) for record in registry.records() for name in record.reap_options}
+    orphans = find_orphans(args.min_age, **overrides)
     if not orphans:
         print("nothing to reap")
         return 0
     if args.yes:
-        for line in reap(args.min_age, args.namespace, args.kubeconfig):
+        for line in reap(args.min_age, **overrides):
             print(line)
         return 0
     for orphan in orphans:
@@ -235,13 +219,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register the ``reap`` sub-command."""
+    """Register the ``reap`` sub-command (with the options the runtimes' records offer)."""
     p = sub.add_parser("reap", help="remove sandboxes whose owning process is gone (dry run by default)")
     p.add_argument("--yes", action="store_true", help="really remove them")
     p.add_argument("--min-age", type=float, default=600.0, metavar="SECONDS",
                    help="spare directories younger than this (a kernel may be starting); default 600")
-    p.add_argument("--namespace", default="", help="Kubernetes namespace of kernel pods "
-                   "(default: SANDBOX_K8S_NAMESPACE, else 'default')")
-    p.add_argument("--kubeconfig", default="", help="kubeconfig of the cluster "
-                   "(default: SANDBOX_K8S_KUBECONFIG, $KUBECONFIG, ~/.kube/config)")
+    offered: set[str] = set()
+    for record in registry.records():
+        for name, help_text in record.reap_options.items():
+            if name not in offered:
+                offered.add(name)
+                p.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", help=help_text)
     p.set_defaults(func=_run)

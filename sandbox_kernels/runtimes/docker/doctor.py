@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...doctor import RuntimeReport
 from ...errors import SandboxError
-from .provisioner import DEFAULT_IMAGE
 from .engine import DockerEngine
 
 
-def check(report: RuntimeReport) -> None:
-    """Engine reachable? Default image present?"""
+def check(report: RuntimeReport, settings: Any) -> None:
+    """Engine reachable? The configured image (``settings.image``) present?"""
     try:
         engine = DockerEngine(timeout=10)
     except SandboxError as e:
@@ -21,11 +22,11 @@ def check(report: RuntimeReport) -> None:
         version = engine.client.version().get("Version", "?")
         report.details.append(f"Docker engine {version} reachable")
         try:
-            engine.check_image(DEFAULT_IMAGE)
-            report.details.append(f"image {DEFAULT_IMAGE} present")
+            engine.check_image(settings.image)
+            report.details.append(f"image {settings.image} present")
         except SandboxError:
             report.ok = False
-            report.details.append(f"image {DEFAULT_IMAGE} missing")
+            report.details.append(f"image {settings.image} missing")
             report.fixes.append("sandbox-kernels image build docker")
         report.details.append(f"container memory snapshots: {criu_status(engine)}")
     finally:

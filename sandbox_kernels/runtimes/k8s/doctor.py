@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 from ...doctor import RuntimeReport
 from ...errors import SandboxError
 from .api import KubeAPI
 
 
-def check(report: RuntimeReport) -> None:
-    """The ``kubernetes`` package imports; the configured cluster answers; the namespace exists.
+def check(report: RuntimeReport, settings: Any) -> None:
+    """The ``kubernetes`` package imports; the cluster of the ``kubeconfig`` and ``context``
+    settings answers; pods can be listed in the ``namespace`` setting.
 
     Raises:
         SandboxUnavailable: the package is missing (the message names the pip extra).
@@ -19,10 +20,9 @@ def check(report: RuntimeReport) -> None:
 
     kubernetes = require("kubernetes")
     report.details.append(f"kubernetes client {kubernetes.__version__}")
-    namespace = os.environ.get("SANDBOX_K8S_NAMESPACE") or "default"
+    namespace = settings.namespace
     try:
-        api = KubeAPI(namespace, os.environ.get("SANDBOX_K8S_KUBECONFIG", ""),
-                      os.environ.get("SANDBOX_K8S_CONTEXT", ""), request_timeout=10)
+        api = KubeAPI(namespace, settings.kubeconfig, settings.context, request_timeout=10)
     except SandboxError as e:
         report.ok = False
         report.details.append(str(e))

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from ...cache import cache_dir
 from ...doctor import RuntimeReport
 from ...errors import SandboxError
 
 
-def check(report: RuntimeReport) -> None:
-    """libvirt-python, libvirtd, the base image, and KVM vs TCG."""
+def check(report: RuntimeReport, settings: Any) -> None:
+    """libvirt-python, libvirtd (``settings.libvirt_uri``), the base image (``base_image``),
+    and the accelerator the ``accelerator`` setting picks (KVM vs TCG)."""
     from .accel import choose_domain_type
     from .libvirt_conn import LibvirtHost
 
-    image = os.environ.get("NIXOS_SANDBOX_BASE_IMAGE") or str(cache_dir() / "vm" / "debian-guest.qcow2")
+    image = settings.base_image
     try:
-        with LibvirtHost() as host:
+        with LibvirtHost(settings.libvirt_uri) as host:
             host.connect()
-            report.details.append("libvirtd reachable at qemu:///system")
+            report.details.append(f"libvirtd reachable at {settings.libvirt_uri}")
     except SandboxError as e:
         report.ok = False
         report.details.append(str(e))
@@ -37,9 +38,9 @@ def check(report: RuntimeReport) -> None:
     missing = problem()
     report.details.append(f"allow_network: {'unavailable: ' + missing if missing else 'ready'} "
                           "(outbound NIC through passt, kept off this machine by nftables)")
-    kernel = os.path.splitext(image)[0] + ".vmlinuz"
+    kernel = settings.guest_kernel or os.path.splitext(image)[0] + ".vmlinuz"
     try:
-        choice = choose_domain_type("auto", kernel if os.path.exists(kernel) else None)
+        choice = choose_domain_type(settings.accelerator, kernel if os.path.exists(kernel) else None)
         report.details.append(f"accelerator: {choice.domain_type} ({choice.reason})")
     except SandboxError as e:
         report.details.append(f"accelerator: {e}")
