@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -131,7 +132,8 @@ async def test_host_key_mismatch_refused(jp_asyncio_loop: Any) -> None:
     km, kc = await start("sandbox-nixos-vm", timeout=300)
     try:
         prov = km.provisioner
-        prov._keys["host_public"] = generate_keypair("impostor").public_line
+        prov.machine.keys = dataclasses.replace(prov.machine.keys,
+                                                host_public=generate_keypair("impostor").public_line)
         with pytest.raises(Exception) as info:
             await prov.open_tunnel()
         assert "host key" in str(info.value).lower()
@@ -143,7 +145,8 @@ async def test_host_key_mismatch_refused(jp_asyncio_loop: Any) -> None:
 def test_concurrency_limit_queues_a_start_until_a_slot_frees(tmp_path: Path) -> None:
     """NIXOS_MAX_CONCURRENT_VMS=2 with both slots held: a papermill run waits in line (it says so),
     and runs to the end once a slot frees. Waits on those states, never on timing."""
-    import os
+    import dataclasses
+import os
     import queue
     import sys
     import threading

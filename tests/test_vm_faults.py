@@ -91,15 +91,15 @@ async def test_ssh_port_taken_before_qemu_binds_it(monkeypatch: pytest.MonkeyPat
     process took it meanwhile, the VM starts on a new port (it failed to start before)."""
     import socket
 
-    from sandbox_kernels.runtimes import libvirt
+    from sandbox_kernels.runtimes.vm import machine
 
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
     chosen = iter([taken])
-    real = libvirt._free_port
-    monkeypatch.setattr(libvirt, "_free_port", lambda: next(chosen, 0) or real())
+    real = machine.free_port
+    monkeypatch.setattr(machine, "free_port", lambda: next(chosen, 0) or real())
     try:
         km, kc = await start("sandbox-nixos-vm", timeout=300)
         try:

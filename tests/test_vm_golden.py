@@ -100,7 +100,7 @@ def test_golden_key_follows_the_configuration(kernelspec_dir: Any) -> None:
         if env is not None:
             prov.kernel_spec = type(spec)(**{**spec.to_dict(), "env": env})
         dom = DomainSpec(kernel_id="k", domain_type="qemu", memory_mib=memory, vcpus=1,
-                         kernel=prov._kernel_path, initrd=prov._initrd_path, root="/r", seed="/s",
+                         kernel=prov.kernel_path, initrd=prov.initrd_path, root="/r", seed="/s",
                          serial_log="/c", ssh_port=2222)
         return str(prov._golden_key(dom))
 

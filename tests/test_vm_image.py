@@ -15,7 +15,7 @@ import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -87,24 +87,27 @@ def test_image_check_cli_passes(image: str, capsys: pytest.CaptureFixture[str]) 
     assert "SANDBOX-READY after" in out
 
 
+def _sh(tunnel: Any, command: str) -> tuple[int, str]:
+    """Run ``command`` in the guest's shell over the throwaway VM's tunnel: (exit code, stdout)."""
+    result = tunnel.run(["sh", "-c", command], None, 60)
+    return result.exit_code, result.stdout.decode(errors="replace")
+
+
 def test_memory_snapshot_and_revert_keep_ssh_over_slirp(image: str) -> None:
     with throwaway_vm(image, persistent=True) as vm:
         with vm.connect() as client:
-            _, out, _ = client.exec_command("echo before > /tmp/marker && echo A > ~/disk && sync")
-            assert out.channel.recv_exit_status() == 0
+            assert _sh(client, "echo before > /tmp/marker && echo A > ~/disk && sync")[0] == 0
         start = time.monotonic()
         vm.host.snapshot_create(vm.name, "snap1", memory=True, description="<test> & 'quotes'")
         took_create = time.monotonic() - start
         with vm.connect() as client:
-            _, out, _ = client.exec_command("echo after > /tmp/marker && echo B > ~/disk && sync")
-            assert out.channel.recv_exit_status() == 0
+            assert _sh(client, "echo after > /tmp/marker && echo B > ~/disk && sync")[0] == 0
         start = time.monotonic()
         vm.host.snapshot_revert(vm.name, "snap1")
         took_revert = time.monotonic() - start
         assert vm.host.state(vm.name) == "running"
         with vm.connect() as client:  # the old connection died with the reverted guest state
-            _, out, _ = client.exec_command("cat /tmp/marker ~/disk")
-            assert out.read().decode().split() == ["before", "A"]
+            assert _sh(client, "cat /tmp/marker ~/disk")[1].split() == ["before", "A"]
         print(f"\nmemory snapshot {took_create:.1f} s, revert {took_revert:.1f} s")
         with pytest.raises(SandboxConfigError):
             vm.host.snapshot_create(vm.name, "../evil", memory=True)
@@ -130,34 +133,28 @@ _PROBE_HOST = (
 
 def test_network_flag_allows_outbound_but_not_the_host_loopback(image: str) -> None:
     with throwaway_vm(image, allow_network=True) as vm, vm.connect() as client:
-        _, out, _ = client.exec_command("ip route; cat /etc/resolv.conf")
-        routes = out.read().decode()
+        routes = _sh(client, "ip route; cat /etc/resolv.conf")[1]
         # Outbound goes through the passt NIC; slirp (eth0) keeps restrict=on.
         assert "default via 10.0.3.2" in routes and "nameserver 10.0.3.3" in routes, routes
         # 10.0.2.2 is slirp's host alias: the kernel's user fails fast on it (the guest's
         # rule), and nothing behind it answers anyway (restrict=on; tests/hostile/test_vm.py).
-        _, out, _ = client.exec_command(f"python3 -c {shlex.quote(_PROBE_HOST)} {vm.port}")
-        result = out.read().decode().strip()
+        result = _sh(client, f"python3 -c {shlex.quote(_PROBE_HOST)} {vm.port}")[1].strip()
         assert result.startswith("PermissionError 13"), result
 
 
 def test_workspace_disk_is_formatted_mounted_and_snapshotted(image: str) -> None:
     with throwaway_vm(image, workspace_size=256 * 2**20) as vm:
         with vm.connect() as client:
-            _, out, _ = client.exec_command(
-                "stat -c '%U %a' ~/work && grep ' /home/executor/work ' /proc/mounts"
-                " && echo one > ~/work/file && sync")
-            text = out.read().decode()
-            assert out.channel.recv_exit_status() == 0, text
+            code, text = _sh(client, "stat -c '%U %a' ~/work && grep ' /home/executor/work ' "
+                                     "/proc/mounts && echo one > ~/work/file && sync")
+            assert code == 0, text
             assert text.startswith("executor ") and "ext4" in text and "nosuid" in text
         vm.host.snapshot_create(vm.name, "ws", memory=True)
         with vm.connect() as client:
-            _, out, _ = client.exec_command("echo two > ~/work/file && sync")
-            assert out.channel.recv_exit_status() == 0
+            assert _sh(client, "echo two > ~/work/file && sync")[0] == 0
         vm.host.snapshot_revert(vm.name, "ws")  # memory and both disks go back together
         with vm.connect() as client:
-            _, out, _ = client.exec_command("cat ~/work/file")
-            assert out.read().decode().strip() == "one"
+            assert _sh(client, "cat ~/work/file")[1].strip() == "one"
 
 
 def test_seed_disk_round_trip(tmp_path: Path) -> None:

@@ -12,11 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-import time
 from pathlib import Path
-
-from ...errors import SandboxStartError, SandboxTimeout
-from .libvirt_conn import LibvirtHost
 
 READY_MARKER = "SANDBOX-READY"
 FAILED_MARKER = "SANDBOX-FAILED:"
@@ -48,57 +44,41 @@ def console_tail(serial_log: str | Path, lines: int = 25) -> str:
     return "\n".join(shown[-lines:]) if shown else "(the console log is empty)"
 
 
-def wait_ready(host: LibvirtHost, name: str, serial_log: str | Path, timeout: float,
-               poll: float = 0.1) -> float:
-    """Wait for ``SANDBOX-READY`` on the console of domain ``name``.
+class ConsoleWatch:
+    """Follows a serial console log for the guest's markers, a bounded read at a time.
 
-    Returns:
-        Seconds waited.
-
-    Raises:
-        SandboxStartError: the guest reported ``SANDBOX-FAILED`` or the VM stopped; the
-            message holds the console tail.
-        SandboxTimeout: no marker within ``timeout`` seconds (the VM is left running: the
-            caller destroys it).
+    Attributes:
+        ready: ``SANDBOX-READY`` (or sshd's start) has been seen: try to log in.
+        failed: the reason after ``SANDBOX-FAILED:``, once the guest printed it.
     """
-    start = time.monotonic()
-    path = Path(serial_log)
-    offset = 0
-    pending = b""
-    checks = 0
-    while True:
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.ready = False
+        self.failed: str | None = None
+        self._offset = 0
+        self._pending = b""
+
+    def poll(self) -> bool:
+        """Read what the guest wrote since the last call; returns :attr:`ready`."""
         try:
-            with open(path, "rb") as f:
+            with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                if size < offset:  # rotated or truncated: start again from its beginning
-                    offset = 0
-                offset = max(offset, size - READ_LIMIT)  # skip what a flood wrote meanwhile
-                f.seek(offset)
+                if size < self._offset:  # rotated or truncated: start again from its beginning
+                    self._offset = 0
+                self._offset = max(self._offset, size - READ_LIMIT)  # skip what a flood wrote
+                f.seek(self._offset)
                 chunk = f.read(READ_LIMIT)
         except FileNotFoundError:
             chunk = b""
-        offset += len(chunk)
-        pending = (pending + chunk)[-4096:]
-        text = pending.decode(errors="replace")
-        if READY_MARKER in text:
-            return time.monotonic() - start
-        if FAILED_MARKER in text:
-            reason = text.split(FAILED_MARKER, 1)[1].splitlines()[0].strip()
-            raise SandboxStartError(f"the guest of {name} failed to boot: {reason}. "
-                                    f"Console:\n{console_tail(path)}")
-        checks += 1
-        if checks % 10 == 0:
-            state = host.state(name)
-            if state not in ("running", "paused"):
-                raise SandboxStartError(
-                    f"VM {name} stopped ({state}) before it was ready (kernel panic, wrong "
-                    f"kernel/initrd, or a guest without sandbox-init?). Console:\n"
-                    f"{console_tail(path)}")
-        if time.monotonic() - start > timeout:
-            raise SandboxTimeout(
-                f"VM {name} did not print {READY_MARKER} within {timeout:g} s. Console:\n"
-                f"{console_tail(path)}")
-        time.sleep(poll)
+        self._offset += len(chunk)
+        self._pending = (self._pending + chunk)[-4096:]
+        text = self._pending.decode(errors="replace")
+        if READY_MARKER in text or "sshd" in text:
+            self.ready = True
+        if FAILED_MARKER in text and self.failed is None:
+            self.failed = text.split(FAILED_MARKER, 1)[1].splitlines()[0].strip() or "no reason given"
+        return self.ready
 
 
 def free_port() -> int:

@@ -46,11 +46,53 @@ DEFAULT_CMDLINE = ("console=ttyS0", "root=/dev/vda", "rw", "init=/sbin/sandbox-i
 NET_PCI_SLOT = "0x1e"
 #: The outbound NIC's slot: after the SSH NIC's, so the guest names that one eth0 still.
 OUTBOUND_PCI_SLOT = "0x1f"
+#: What a VM may be given: the provisioner's traits (memory_mb, vcpus, extra_cmdline) and the
+#: domain builder check with these same functions, so a value has one set of bounds.
+MEMORY_MIB_RANGE = (128, 256 * 1024)
+VCPUS_RANGE = (1, 64)
 _CMDLINE_TOKEN = re.compile(r"[A-Za-z0-9_.,:/=+-]{1,200}")
 _LABEL_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("sk", METADATA_NS)
+
+
+def check_memory_mib(value: int) -> int:
+    """Guest memory in MiB, within :data:`MEMORY_MIB_RANGE`.
+
+    Raises:
+        SandboxConfigError: out of range.
+    """
+    low, high = MEMORY_MIB_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SandboxConfigError(f"memory_mb={value!r} is out of range: use {low} to {high}.")
+    return int(value)
+
+
+def check_vcpus(value: int) -> int:
+    """Guest CPUs, within :data:`VCPUS_RANGE`.
+
+    Raises:
+        SandboxConfigError: out of range.
+    """
+    low, high = VCPUS_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SandboxConfigError(f"vcpus={value!r} is out of range: use {low} to {high}.")
+    return int(value)
+
+
+def check_cmdline_word(word: str) -> str:
+    """One extra word of the guest kernel command line (a strict pattern: no spaces, quotes,
+    semicolons or control characters).
+
+    Raises:
+        SandboxConfigError: the word has other characters.
+    """
+    if not isinstance(word, str) or not _CMDLINE_TOKEN.fullmatch(word):
+        raise SandboxConfigError(
+            f"kernel command line word {word!r} (extra_cmdline) is not allowed: use letters, "
+            "digits and _ . , : / = + - only.")
+    return word
 
 
 def domain_name(kernel_id: str) -> str:
@@ -156,11 +198,7 @@ class DomainSpec:
     def cmdline(self) -> str:
         """The guest kernel command line."""
         for word in self.extra_cmdline:
-            if not _CMDLINE_TOKEN.fullmatch(word):
-                raise SandboxConfigError(
-                    f"kernel command line word {word!r} is not allowed: use letters, digits "
-                    "and _ . , : / = + - only."
-                )
+            check_cmdline_word(word)
         return " ".join(DEFAULT_CMDLINE + tuple(self.extra_cmdline))
 
     def disks(self) -> list[Disk]:
@@ -199,10 +237,8 @@ class DomainSpec:
         domain_name(self.kernel_id)
         if self.domain_type not in DOMAIN_TYPES:
             raise SandboxConfigError(f"domain type {self.domain_type!r} must be kvm or qemu.")
-        if not 64 <= self.memory_mib <= 1024 * 1024:
-            raise SandboxConfigError(f"memory {self.memory_mib} MiB is out of range (64 MiB-1 TiB).")
-        if not 1 <= self.vcpus <= 256:
-            raise SandboxConfigError(f"vcpus={self.vcpus} is out of range (1-256).")
+        check_memory_mib(self.memory_mib)
+        check_vcpus(self.vcpus)
         for key in self.labels:
             if not _LABEL_KEY.fullmatch(key):
                 raise SandboxConfigError(f"label name {key!r} is not allowed.")

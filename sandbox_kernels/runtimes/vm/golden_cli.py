@@ -15,14 +15,14 @@ LIBVIRT_PROVISIONER = "sandbox-libvirt-provisioner"
 
 
 def provisioner_for(kernel_name: str) -> Any:
-    """A libvirt provisioner configured as the installed kernelspec ``kernel_name`` says.
+    """The provisioner jupyter_client would make for the installed VM kernelspec ``kernel_name``
+    (its ``kernel_provisioner`` config applied), with a kernel id of its own.
 
     Raises:
         SandboxConfigError: no such kernelspec, or it is not a libvirt (VM) kernel.
     """
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    from .provisioner import LibvirtProvisioner
+    from jupyter_client.provisioning import KernelProvisionerFactory
 
     try:
         spec = KernelSpecManager().get_kernel_spec(kernel_name)
@@ -33,24 +33,15 @@ def provisioner_for(kernel_name: str) -> Any:
     if provisioner.get("provisioner_name") != LIBVIRT_PROVISIONER:
         raise SandboxConfigError(f"kernelspec {kernel_name!r} is not a VM kernel "
                                  f"(its provisioner is {provisioner.get('provisioner_name')!r}).")
-    prov = LibvirtProvisioner(kernel_id=f"golden-{secrets.token_hex(6)}", kernel_spec=spec,
-                              **provisioner.get("config", {}))
+    prov = KernelProvisionerFactory.instance().create_provisioner_instance(
+        f"golden-{secrets.token_hex(6)}", spec, None)
     prov.log = logging.getLogger("sandbox_kernels.golden")
     return prov
 
 
 async def build(kernel_name: str, rebuild: bool = False) -> Any:
     """Build the golden snapshot for ``kernel_name`` unless it exists (``rebuild``: anew)."""
-    from . import golden
-
-    prov = provisioner_for(kernel_name)
-    if rebuild:
-        try:
-            spec, _base = await prov._prepare_vm()
-            golden.remove(prov._golden_key(spec))
-        finally:
-            await prov._teardown()
-    return await prov.build_golden()
+    return await provisioner_for(kernel_name).build_golden(rebuild)
 
 
 def _golden(args: argparse.Namespace) -> int:

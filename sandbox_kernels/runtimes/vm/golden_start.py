@@ -1,8 +1,8 @@
-"""Golden-snapshot starts for the libvirt runtime (the store and the reseed are in vm/golden.py).
+"""Golden-snapshot starts for the VM runtime (the store and the reseed are in golden.py).
 
-A mixin of :class:`~sandbox_kernels.runtimes.vm.provisioner.LibvirtProvisioner`: it builds a golden
-snapshot from a VM booted as the kernelspec configures it, and starts a kernel's VM by
-restoring one.
+A mixin of :class:`~sandbox_kernels.runtimes.vm.provisioner.LibvirtProvisioner`: it builds a
+golden snapshot from a VM booted as the kernelspec configures it, and starts a kernel's VM by
+restoring one; the VM itself is the provisioner's :class:`~.machine.Machine`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 from ...aio import to_thread
 from ...errors import SandboxConfigError, SandboxError, SandboxStartError
 from ...provisioning.base import _shielded, _track
-from . import disk_snapshots, golden
+from . import golden
 from .domain_xml import DomainSpec
+from .machine import Machine
 from .slots import acquire_slot, slots_dir
 
 #: Wait (in the guest) until the preloader has imported ipykernel; exit 3 with its log if it died.
@@ -69,37 +70,46 @@ class GoldenStart:
         self._golden_inputs = inputs
         return golden.golden_key(inputs)
 
-    async def _restore_golden(self, spec: DomainSpec, found: golden.Golden) -> None:
-        """Start the VM by reverting a copy of the golden overlay, then reseed it."""
+    async def start_from_golden(self, machine: Machine) -> bool:
+        """Restore ``machine`` from this configuration's golden snapshot, if there is one.
+
+        Returns:
+            Whether it was restored (and logged in): if not, the machine is ready to boot.
+        """
+        if not self._golden_eligible():
+            return False
+        found = await to_thread(golden.load, self._golden_key(machine.spec))
+        if found is None:
+            self.log.info("Kernel %s: no golden snapshot for this VM configuration; booting "
+                          "(`sandbox-kernels vm golden` makes VM starts several times faster)",
+                          self.kernel_id)
+            return False
         started = time.monotonic()
-        host = await self._libvirt()
-        await to_thread(golden.copy_overlay, found, Path(spec.root))
-        copied = time.monotonic()
-        await self._start_domain(spec, True)
-        await asyncio.wait_for(to_thread(host.load_snapshot, self.sandbox_name, golden.SNAPSHOT),
-                               self.ssh_ready_timeout)
-        # Loading left the snapshot's memory image mapped in the overlay as well: without the
-        # snapshot itself those clusters are the clone's alone, so its own memory snapshots
-        # overwrite them in place instead of copying each one first.
-        await to_thread(disk_snapshots.delete, host, self.sandbox_name, golden.SNAPSHOT)
-        await to_thread(host.resume, self.sandbox_name)
-        restored = time.monotonic()
-        await to_thread(golden.reseed, str(spec.reseed_socket), self.ssh_ready_timeout)
-        reseeded = time.monotonic()
-        await self._wait_for_ssh(Path(spec.serial_log))
+        try:
+            steps = await machine.restore(found, self.ssh_ready_timeout)
+            self.ssh_port = machine.ssh_port
+            waited = time.monotonic()
+            self.tunnel = await self.wait_for_ssh()
+        except (SandboxError, OSError) as e:
+            self.log.warning("Kernel %s: could not start from golden snapshot %s (%s); booting "
+                             "instead", self.kernel_id, found.key, e)
+            await self.close_tunnel()
+            await machine.reset()
+            return False
         self._preloader_pid = found.preloader_pid
         self.log.info("Kernel %s: VM restored from golden snapshot %s in %.2f s (copy %.2f, "
                       "revert %.2f, reseed %.2f, ssh %.2f)", self.kernel_id, found.key,
-                      time.monotonic() - started, copied - started, restored - copied,
-                      reseeded - restored, time.monotonic() - reseeded)
+                      time.monotonic() - started, steps["copy"], steps["revert"], steps["reseed"],
+                      time.monotonic() - waited)
+        return True
 
-    async def build_golden(self) -> golden.Golden:
+    async def build_golden(self, rebuild: bool = False) -> golden.Golden:
         """Boot a VM, start the preloader in it, and keep its memory snapshot as the golden one.
 
         Call on a provisioner configured like the kernelspec it serves, with a kernel id of
         its own (the VM is named and labelled like any other, so a crash leaves nothing that
         `sandbox-kernels reap` cannot remove). A second builder of the same key waits for the
-        first and returns its result.
+        first and returns its result. ``rebuild``: build it anew even if it exists.
 
         Raises:
             SandboxConfigError: this configuration cannot use golden snapshots.
@@ -114,21 +124,24 @@ class GoldenStart:
         self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
                                         self.log, f"golden snapshot build {self.kernel_id}")
         try:
-            spec, _base = await self._prepare_vm()
-            key = self._golden_key(spec)
+            machine = await self.assemble_machine()
+            key = self._golden_key(machine.spec)
             with golden.build_lock(key):
+                if rebuild:
+                    await to_thread(golden.remove, key)
                 existing = await to_thread(golden.load, key)
                 if existing is not None:
                     return existing
-                return await self._build_golden(spec, key)
+                return await self._build_golden(machine, key)
         finally:
             await _shielded(self._teardown())
 
-    async def _build_golden(self, spec: DomainSpec, key: str) -> golden.Golden:
-        host = await self._libvirt()
+    async def _build_golden(self, machine: Machine, key: str) -> golden.Golden:
+        spec = machine.spec
         self.log.info("Golden snapshot %s: booting the VM", key)
-        await self._start_domain(spec)
-        await self._wait_for_ssh(Path(spec.serial_log))
+        await machine.boot()
+        self.ssh_port = machine.ssh_port
+        self.tunnel = await self.wait_for_ssh()
         tunnel = await self._tunnel_ready()
         rdir = self.remote_dir()
         await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
@@ -152,10 +165,9 @@ class GoldenStart:
                 "golden_snapshot false.") from e
         await asyncio.sleep(0.5)  # let the guest end the SSH sessions before the snapshot
         self.log.info("Golden snapshot %s: saving the VM's memory", key)
-        await asyncio.wait_for(to_thread(host.snapshot_create, self.sandbox_name, golden.SNAPSHOT, True),
-                               self.job_completion_timeout)
-        snapshot_xml = (await to_thread(host.snapshot_xmls, self.sandbox_name))[0]
-        await to_thread(host.destroy, self.sandbox_name)
+        await machine.snapshot(golden.SNAPSHOT, self.job_completion_timeout)
+        snapshot_xml = (await to_thread(machine.host.snapshot_xmls, machine.name))[0]
+        await machine.destroy()
         saved = await to_thread(golden.save, key, Path(spec.root), snapshot_xml,
                                 int(self._preloader_pid or 0), self._golden_inputs)
         self.log.info("Golden snapshot %s saved (%d MiB)", key, saved.root.stat().st_size >> 20)

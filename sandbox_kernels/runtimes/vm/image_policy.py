@@ -17,23 +17,25 @@ from .overlay import image_info
 
 #: Where an administrator may install images without configuring anything.
 SYSTEM_IMAGE_DIR = "/var/lib/sandbox-kernels/images"
+#: The environment variable the ``image_dirs`` setting's default reads (named in errors).
 ENV = "SANDBOX_KERNELS_VM_IMAGE_DIRS"
 _MAX_CHAIN = 16
 
 
+def default_dirs(base_image: str | None = None) -> list[str]:
+    """Where images may come from when nothing is configured: the image cache,
+    /var/lib/sandbox-kernels/images and the directory of ``base_image`` (the provisioner's
+    ``image_dirs`` trait default passes $NIXOS_SANDBOX_BASE_IMAGE)."""
+    dirs = [str(cache_dir() / "vm"), SYSTEM_IMAGE_DIR]
+    if base_image:
+        dirs.append(str(Path(base_image).parent))
+    return dirs
+
+
 def allowed_dirs(configured: list[str]) -> list[Path]:
-    """The allowed directories: ``configured`` if given, else $SANDBOX_KERNELS_VM_IMAGE_DIRS
-    (``os.pathsep``-separated), else the image cache, /var/lib/sandbox-kernels/images and the
-    directory of $NIXOS_SANDBOX_BASE_IMAGE."""
-    if configured:
-        dirs = list(configured)
-    elif os.environ.get(ENV):
-        dirs = [d for d in os.environ[ENV].split(os.pathsep) if d]
-    else:
-        dirs = [str(cache_dir() / "vm"), SYSTEM_IMAGE_DIR]
-        if os.environ.get("NIXOS_SANDBOX_BASE_IMAGE"):
-            dirs.append(str(Path(os.environ["NIXOS_SANDBOX_BASE_IMAGE"]).parent))
-    return [Path(os.path.realpath(d)) for d in dirs]
+    """The allowed directories, resolved: ``configured`` (the ``image_dirs`` setting, whose
+    default reads $SANDBOX_KERNELS_VM_IMAGE_DIRS), else :func:`default_dirs`."""
+    return [Path(os.path.realpath(d)) for d in (configured or default_dirs())]
 
 
 def check_path(path: str, setting: str, dirs: list[Path]) -> None:

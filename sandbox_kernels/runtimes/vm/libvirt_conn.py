@@ -8,13 +8,9 @@ a person can act on. Every call blocks; async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import logging
-import os
-import pwd
 import re
-from pathlib import Path
 from typing import Any, Iterator
 
 from ...errors import (
@@ -27,13 +23,13 @@ from ...errors import (
 from ...labels import DOMAIN_PREFIX
 from ...settings import check_name
 from ..registry import require
+from . import qemu_process
 from .domain_xml import METADATA_NS, DomainSpec, SnapshotSpec, read_metadata
 
 log = logging.getLogger("sandbox_kernels.vm")
 
 DEFAULT_URI = "qemu:///system"
 _START_DAEMONS = "start it: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)"
-_QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 
 class LibvirtHost:
@@ -111,6 +107,12 @@ class LibvirtHost:
             return SandboxError(f"{text}. The VM is not in a state that allows this.")
         return SandboxError(text)
 
+    def _start_error(self, e: Any, what: str, name: str) -> SandboxError:
+        error = self._translate(e, what, name)
+        if type(error) is SandboxError:
+            return SandboxStartError(f"{error}{_access_hint(_message(e))}")
+        return error
+
     # -- domains ---------------------------------------------------------------------------
 
     def start(self, spec: DomainSpec, paused: bool = False) -> str:
@@ -143,10 +145,7 @@ class LibvirtHost:
             else:
                 conn.createXML(xml, flags)
         except libvirt.libvirtError as e:
-            error = self._translate(e, "starting the VM", spec.name)
-            if type(error) is SandboxError:
-                error = SandboxStartError(f"{error}{_access_hint(_message(e))}")
-            raise error from e
+            raise self._start_error(e, "starting the VM", spec.name) from e
         return spec.name
 
     def state(self, name: str) -> str:
@@ -243,35 +242,12 @@ class LibvirtHost:
         """The PID of the domain's QEMU process, or ``None`` if it is not running."""
         if self.state(name) not in ("running", "paused"):
             return None
-        pidfile = Path("/run/libvirt/qemu") / f"{name}.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().strip())
-            if _is_qemu_of(pid, name):
-                return pid
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and _is_qemu_of(int(entry.name), name):
-                return int(entry.name)
-        return None
+        return qemu_process.qemu_pid(name)
 
     def emulator_identity(self) -> tuple[int, list[int]]:
-        """The uid and gids QEMU runs as on this connection (to check it can read the files).
-
-        ``qemu:///session`` runs QEMU as the caller; ``qemu:///system`` as the ``user`` and
-        ``group`` of ``/etc/libvirt/qemu.conf`` (Debian's default ``libvirt-qemu``).
-        """
-        if "session" in self.uri:
-            return os.getuid(), os.getgroups() + [os.getgid()]
-        user, group = _qemu_conf_identity()
-        try:
-            entry = pwd.getpwnam(user) if not user.startswith("+") else pwd.getpwuid(int(user[1:]))
-        except (KeyError, ValueError):
-            return 0, [0]
-        gid = entry.pw_gid
-        # libvirt's built-in default group is the user's name (Debian: libvirt-qemu).
-        with contextlib.suppress(KeyError, ValueError):
-            gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group or user).gr_gid
-        gids = {gid, entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
-        return entry.pw_uid, sorted(gids)
+        """The uid and gids QEMU runs as on this connection (see
+        :func:`.qemu_process.emulator_identity`)."""
+        return qemu_process.emulator_identity(self.uri)
 
     def restart_xml(self, name: str) -> str:
         """The domain's XML in the form that recreates it (``VIR_DOMAIN_XML_MIGRATABLE``).
@@ -294,10 +270,7 @@ class LibvirtHost:
         try:
             conn.createXML(xml, 0)
         except self._libvirt.libvirtError as e:
-            error = self._translate(e, "starting the VM again", name)
-            if type(error) is SandboxError:
-                error = SandboxStartError(f"{error}{_access_hint(_message(e))}")
-            raise error from e
+            raise self._start_error(e, "starting the VM again", name) from e
 
     def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on the domain's QEMU and return its ``return`` value.
@@ -460,33 +433,3 @@ def _access_hint(message: str) -> str:
 def _creation_time(snap: Any) -> int:
     match = re.search(r"<creationTime>(\d+)</creationTime>", snap.getXMLDesc(0))
     return int(match.group(1)) if match else 0
-
-
-def _is_qemu_of(pid: int, name: str) -> bool:
-    """Whether process ``pid`` is the QEMU of domain ``name`` (``-name guest=<name>,...``)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    wanted = f"guest={name}".encode()
-    return b"qemu" in argv[0] and any(a == wanted or a.startswith(wanted + b",") for a in argv)
-
-
-def _qemu_conf_identity() -> tuple[str, str]:
-    """``(user, group)`` from qemu.conf, defaulting to Debian's ``libvirt-qemu``."""
-    user, group = "", ""
-    with contextlib.suppress(OSError):
-        for line in _QEMU_CONF.read_text().splitlines():
-            match = re.match(r'^\s*(user|group)\s*=\s*"([^"]*)"', line)
-            if match:
-                if match.group(1) == "user":
-                    user = match.group(2)
-                else:
-                    group = match.group(2)
-    if not user:
-        for candidate in ("libvirt-qemu", "qemu"):
-            with contextlib.suppress(KeyError):
-                pwd.getpwnam(candidate)
-                user = candidate
-                break
-    return user or "root", group
