@@ -209,16 +209,16 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
                     f"config or SANDBOX_KERNELS_LAUNCH_TIMEOUT) if the machine is slow.{detail}"
                 )
             task.result()
+            self._has_process = True
+            self._restarting = False
+            if self._control is None:
+                self._control = ControlServer(self)
+                await self._control.start()
         except BaseException:
             if not task.done():
                 task.cancel()
             await shielded(self.teardown())
             raise
-        self._has_process = True
-        self._restarting = False
-        if self._control is None:
-            self._control = ControlServer(self)
-            await self._control.start()
         return self.connection_info
 
     async def _launch(self, cmd: list[str]) -> None:
