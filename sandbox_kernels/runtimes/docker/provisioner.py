@@ -150,6 +150,14 @@ class DockerProvisioner(SandboxProvisioner):
         engine = await self._engine_ready()
         await to_thread(engine.check_image, self.image)
 
+    def container_runtime(self) -> str:
+        """The engine's OCI runtime for the kernel's container; '' for the engine's default (runc).
+
+        Called from :meth:`start_kernel` when it creates the container; runtimes built on this
+        one override it (gVisor: ``runsc-<platform>``). No ``super()`` needed.
+        """
+        return ""
+
     def _container_spec(self, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         memory = parse_size(self.memory, "memory")
         home = self.workdir
@@ -176,6 +184,8 @@ class DockerProvisioner(SandboxProvisioner):
         )
         if self.cpus:
             spec["nano_cpus"] = int(self.cpus * 1e9)
+        if self.container_runtime():
+            spec["runtime"] = self.container_runtime()
         if self.read_only:
             spec["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=256m",
                              home: f"rw,nosuid,nodev,size=512m,uid={user.split(':')[0]}"}
