@@ -14,6 +14,7 @@ import pytest
 
 from helpers.k8s import INFRA, NAMESPACE, core as _core, delete as _delete, network_policies, pods as _pods
 from lifecycle import LifecycleSuite, Runtime, run_cell, start
+from sandbox_kernels.errors import SandboxError
 
 pytestmark = pytest.mark.k8s
 
@@ -42,7 +43,7 @@ async def _start_failure(kernelspec_dir: Any, **config: Any) -> str:
 
     ksm = KernelSpecManager(kernel_dirs=[str(kernelspec_dir("sandbox-k8s", name="k8s-bad", **config))])
     started = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SandboxError) as info:
         await start("k8s-bad", ksm=ksm, timeout=60)
     assert time.monotonic() - started < 45, "a pod that cannot start must fail the launch quickly"
     assert not _pods(), "the failed pod must be deleted"
@@ -63,7 +64,7 @@ async def test_unschedulable_pod_fails_with_the_schedulers_reason(k8s_cluster: s
                                                "schedule_timeout": 2.0}})
     km = AsyncKernelManager(kernel_name="sandbox-k8s", config=config)
     started = time.monotonic()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SandboxError) as info:
         await km.start_kernel()
     assert time.monotonic() - started < 45, "a pod that cannot start must fail the launch quickly"
     assert not _pods() and not network_policies(), "the failed pod and its policy must be deleted"
@@ -142,7 +143,7 @@ def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
     and its NetworkPolicy."""
     import sys
 
-    from test_reliability import start_orphan
+    from helpers.orphans import start_orphan
 
     kernel_id = start_orphan("sandbox-k8s")
     assert _pods(kernel_id)

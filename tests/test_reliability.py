@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from helpers.orphans import docker_containers, start_orphan
+from sandbox_kernels.errors import SandboxUnavailable
+
 VENV_BIN = Path(sys.executable).parent
-
-_OWNER = textwrap.dedent("""
-    import asyncio, sys
-    from jupyter_client.manager import AsyncKernelManager
-
-    async def main():
-        km = AsyncKernelManager(kernel_name=sys.argv[1])
-        await km.start_kernel()
-        print(km.kernel_id, flush=True)
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
-""")
-
-
-def start_orphan(kernel_name: str) -> str:
-    """Start a ``kernel_name`` kernel in another process, SIGKILL that process (no clean-up
-    runs, as when a server crashes) and return the kernel id whose sandbox it left."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, kernel_name], stdout=subprocess.PIPE, text=True)
-    try:
-        kernel_id = owner.stdout.readline().strip()  # type: ignore[union-attr]
-    finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-    assert kernel_id, f"the {kernel_name} kernel did not start in the owner process"
-    return kernel_id
-
-
-def _containers(kernel_id: str) -> list[str]:
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=sandbox-kernels.kernel-id={kernel_id}"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.split()
 
 
 @pytest.mark.docker
@@ -51,15 +20,15 @@ def test_killed_owner_is_reaped(tmp_path: Path) -> None:
     """SIGKILL the process that owns a kernel (no clean-up runs); reap finds and removes it."""
     kernel_id = start_orphan("sandbox-docker")
     state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / kernel_id
-    assert state.exists() and _containers(kernel_id), "a killed owner cannot clean up"
+    assert state.exists() and docker_containers(kernel_id), "a killed owner cannot clean up"
 
     reap = [str(VENV_BIN / "sandbox-kernels"), "reap", "--min-age", "0"]
     dry = subprocess.run(reap, capture_output=True, text=True, check=True)
     assert f"sandbox-kernels-{kernel_id}" in dry.stdout and "dry run" in dry.stdout
-    assert _containers(kernel_id), "a dry run removes nothing"
+    assert docker_containers(kernel_id), "a dry run removes nothing"
     real = subprocess.run([*reap, "--yes"], capture_output=True, text=True, check=True)
     assert "removed container" in real.stdout
-    assert not _containers(kernel_id)
+    assert not docker_containers(kernel_id)
     assert not state.exists(), real.stdout
 
 
@@ -72,7 +41,7 @@ def test_reap_leaves_live_kernels_alone(jp_asyncio_loop: object) -> None:
         out = subprocess.run([str(VENV_BIN / "sandbox-kernels"), "reap", "--yes"],
                              capture_output=True, text=True, check=True)
         assert km.kernel_id not in out.stdout
-        assert _containers(km.kernel_id)
+        assert docker_containers(km.kernel_id)
     finally:
         kc.stop_channels()
         jp_asyncio_loop.run_until_complete(km.shutdown_kernel(now=True))  # type: ignore[attr-defined]
@@ -85,7 +54,7 @@ def test_docker_engine_down_message(monkeypatch: pytest.MonkeyPatch, jp_asyncio_
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     km = AsyncKernelManager(kernel_name="sandbox-docker")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SandboxUnavailable) as info:
         jp_asyncio_loop.run_until_complete(km.start_kernel())  # type: ignore[attr-defined]
     assert "Docker engine is not reachable" in str(info.value) and "dockerd" in str(info.value)
     assert not (Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / km.kernel_id).exists()

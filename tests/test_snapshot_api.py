@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from helpers.orphans import docker_containers, start_orphan
+from helpers.server_api import extension_config, api, api_status, start_server_kernel
 from lifecycle import run_cell
 
 VENV_BIN = Path(sys.executable).parent
@@ -19,69 +21,38 @@ VENV_BIN = Path(sys.executable).parent
 @pytest.fixture
 def orphan_kernel() -> str:
     """A Docker kernel whose owning process was SIGKILLed (what a crashed server leaves)."""
-    from test_reliability import _containers, start_orphan
-
     kernel_id = start_orphan("sandbox-docker")
-    assert _containers(kernel_id)
+    assert docker_containers(kernel_id)
     return kernel_id
 
 
 @pytest.fixture
 def jp_server_config() -> dict[str, Any]:
-    return {"ServerApp": {"jpserver_extensions": {"jupyter_server_ext": True}}}
+    return extension_config()
 
 
-async def _start(jp_fetch: Any, jp_serverapp: Any, name: str) -> tuple[str, Any]:
-    r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": name}), request_timeout=400)
-    kid = json.loads(r.body)["id"]
-    kc = jp_serverapp.kernel_manager.get_kernel(kid).client()
-    kc.start_channels()
-    await kc.wait_for_ready(timeout=120)
-    return kid, kc
-
-
-async def _api(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None) -> Any:
-    kw: dict[str, Any] = {"method": method, "request_timeout": 300}
-    if body is not None:
-        kw["body"] = body if isinstance(body, str) else json.dumps(body)
-    elif method == "POST":
-        kw["body"] = "{}"
-    r = await jp_fetch("sandbox-kernels", "api", *parts, **kw)
-    return json.loads(r.body) if r.body else None
-
-
-async def _status(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None, **kw: Any) -> tuple[int, str]:
-    try:
-        await _api(jp_fetch, *parts, method=method, body=body)
-    except HTTPClientError as e:
-        msg = json.loads(e.response.body).get("message", "") if e.response and e.response.body else ""
-        return e.code, msg
-    return 200, ""
-
-
-@pytest.mark.docker
 async def test_docker_filesystem_round_trip(jp_fetch: Any, jp_serverapp: Any) -> None:
-    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-docker")
+    kid, kc = await start_server_kernel(jp_fetch, jp_serverapp, "sandbox-docker")
     try:
         await run_cell(kc, "x = 1\nopen('before.txt', 'w').write('kept')")
-        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s1"})
+        snap = await api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s1"})
         assert snap["name"] == "s1" and snap["kind"] == "filesystem" and snap["size"] > 0
         await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')")
-        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        listing = await api(jp_fetch, "kernels", kid, "snapshots")
         assert [s["name"] for s in listing["snapshots"]] == ["s1"]
         assert listing["kinds"] == ["filesystem"] and "memory" in listing["note"]
-        result = await _api(jp_fetch, "kernels", kid, "snapshots", "s1", "rollback", method="POST")
+        result = await api(jp_fetch, "kernels", kid, "snapshots", "s1", "rollback", method="POST")
         assert result["kernel_restarted"] is True
         model = json.loads((await jp_fetch("api", "kernels", kid)).body)
         assert model["execution_state"] == "idle", "the server must not show the restarted kernel as starting"
         await kc.wait_for_ready(timeout=60)
         out = await run_cell(kc, "import os\nprint(os.path.exists('before.txt'), os.path.exists('after.txt'), 'y' in globals())")
         assert out["stdout"] == "True False False\n", out
-        code, msg = await _status(jp_fetch, "kernels", kid, "snapshots", "s1", method="DELETE")
+        code, msg = await api_status(jp_fetch, "kernels", kid, "snapshots", "s1", method="DELETE")
         assert code == 400 and "currently runs from" in msg
-        await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s2"})
-        await _api(jp_fetch, "kernels", kid, "snapshots", "s2", method="DELETE")
-        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        await api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "s2"})
+        await api(jp_fetch, "kernels", kid, "snapshots", "s2", method="DELETE")
+        listing = await api(jp_fetch, "kernels", kid, "snapshots")
         assert [s["name"] for s in listing["snapshots"]] == ["s1"]
     finally:
         kc.stop_channels()
@@ -103,22 +74,22 @@ async def _login_cookies(jp_fetch: Any, jp_serverapp: Any) -> str:
 
 @pytest.mark.docker
 async def test_bad_requests(jp_fetch: Any, jp_serverapp: Any) -> None:
-    assert (await _status(jp_fetch, "kernels", "nope", "snapshots"))[0] == 404
-    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-docker")
+    assert (await api_status(jp_fetch, "kernels", "nope", "snapshots"))[0] == 404
+    kid, kc = await start_server_kernel(jp_fetch, jp_serverapp, "sandbox-docker")
     try:
         for bad in ["../etc", "a b", "<x/>", "x" * 200, "$(reboot)", ".hidden", "a;b"]:
-            code, msg = await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": bad})
+            code, msg = await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": bad})
             assert code == 400 and "snapshot name" in msg, (bad, code, msg)
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="{not json"))[0] == 400
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="[1]"))[0] == 400
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": 5}))[0] == 400
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", method="POST",
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="{not json"))[0] == 400
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST", body="[1]"))[0] == 400
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": 5}))[0] == 400
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST",
                               body={"kind": "memory"}))[0] == 400
-        code, _ = await _status(jp_fetch, "kernels", kid, "snapshots", method="POST",
+        code, _ = await api_status(jp_fetch, "kernels", kid, "snapshots", method="POST",
                                 body=json.dumps({"name": "x" * 20000}))
         assert code == 413
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", "rollback", method="POST"))[0] == 404
-        assert (await _status(jp_fetch, "kernels", kid, "snapshots", "missing", method="DELETE"))[0] == 404
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", "missing", "rollback", method="POST"))[0] == 404
+        assert (await api_status(jp_fetch, "kernels", kid, "snapshots", "missing", method="DELETE"))[0] == 404
         # A page on another origin riding on the user's login cookie is refused before anything runs.
         cookies = await _login_cookies(jp_fetch, jp_serverapp)
         ok = await jp_fetch("sandbox-kernels", "api", "kernels", kid, "snapshots",
@@ -130,7 +101,7 @@ async def test_bad_requests(jp_fetch: Any, jp_serverapp: Any) -> None:
                 await jp_fetch("sandbox-kernels", "api", "kernels", kid, "snapshots", method="POST",
                                body=json.dumps({"name": "evil"}), headers={"Authorization": "", **headers})
             assert info.value.code in (403, 404), headers
-        assert (await _api(jp_fetch, "kernels", kid, "snapshots"))["snapshots"] == []
+        assert (await api(jp_fetch, "kernels", kid, "snapshots"))["snapshots"] == []
     finally:
         kc.stop_channels()
         await jp_fetch("api", "kernels", kid, method="DELETE")
@@ -140,7 +111,7 @@ async def test_non_sandbox_kernel_is_409(jp_fetch: Any, jp_serverapp: Any) -> No
     r = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
     kid = json.loads(r.body)["id"]
     try:
-        code, msg = await _status(jp_fetch, "kernels", kid, "snapshots")
+        code, msg = await api_status(jp_fetch, "kernels", kid, "snapshots")
         assert code == 409 and "not started by a sandbox provisioner" in msg
     finally:
         await jp_fetch("api", "kernels", kid, method="DELETE")
@@ -159,7 +130,7 @@ async def test_unauthenticated_requests_refused(jp_fetch: Any, jp_serverapp: Any
 
 
 async def test_runtimes_report(jp_fetch: Any) -> None:
-    reports = await _api(jp_fetch, "runtimes")
+    reports = await api(jp_fetch, "runtimes")
     by_name = {r["runtime"]: r for r in reports}
     assert set(by_name) >= {"docker", "libvirt", "k8s", "ssh"}
     assert by_name["docker"]["ok"] is True
@@ -207,13 +178,13 @@ async def test_vm_memory_and_disk_round_trips(jp_fetch: Any, jp_serverapp: Any) 
     Then a disk snapshot and its rollback (kernel restarted, files back), and the memory
     snapshot again after that.
     """
-    kid, kc = await _start(jp_fetch, jp_serverapp, "sandbox-nixos-vm")
+    kid, kc = await start_server_kernel(jp_fetch, jp_serverapp, "sandbox-nixos-vm")
     try:
         await run_cell(kc, "x = 1", timeout=240)
-        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "before"})
+        snap = await api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "before"})
         assert snap["kind"] == "memory"
         await run_cell(kc, "y = 2\nopen('after.txt', 'w').write('gone')", timeout=240)
-        result = await _api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
+        result = await api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
         assert result["kernel_restarted"] is False
         out = await run_cell(kc, "import os\nprint('x' in globals(), 'y' in globals(), os.path.exists('after.txt'))",
                              timeout=240)
@@ -223,10 +194,10 @@ async def test_vm_memory_and_disk_round_trips(jp_fetch: Any, jp_serverapp: Any) 
 
         # Disk only: cheaper; the rollback boots the VM again and restarts the kernel.
         await run_cell(kc, "open('kept.txt', 'w').write('k')", timeout=240)
-        snap = await _api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "d1", "kind": "disk"})
+        snap = await api(jp_fetch, "kernels", kid, "snapshots", method="POST", body={"name": "d1", "kind": "disk"})
         assert snap["kind"] == "disk"
         await run_cell(kc, "z = 3\nopen('z.txt', 'w').write('z')", timeout=240)
-        result = await _api(jp_fetch, "kernels", kid, "snapshots", "d1", "rollback", method="POST")
+        result = await api(jp_fetch, "kernels", kid, "snapshots", "d1", "rollback", method="POST")
         assert result["kernel_restarted"] is True and result["kind"] == "disk"
         model = json.loads((await jp_fetch("api", "kernels", kid)).body)
         assert model["execution_state"] == "idle"
@@ -234,17 +205,17 @@ async def test_vm_memory_and_disk_round_trips(jp_fetch: Any, jp_serverapp: Any) 
         out = await run_cell(kc, "import os\nprint('x' in globals(), os.path.exists('kept.txt'), os.path.exists('z.txt'))",
                              timeout=240)
         assert out["stdout"] == "False True False\n", out
-        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        listing = await api(jp_fetch, "kernels", kid, "snapshots")
         assert [(s["name"], s["kind"]) for s in listing["snapshots"]] == [("before", "memory"), ("d1", "disk")]
         assert listing["kinds"] == ["memory", "disk"]
 
         # The memory snapshot taken before the disk rollback still returns to its moment.
-        result = await _api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
+        result = await api(jp_fetch, "kernels", kid, "snapshots", "before", "rollback", method="POST")
         assert result["kernel_restarted"] is False
         out = await run_cell(kc, "import os\nprint('x' in globals(), os.path.exists('kept.txt'))", timeout=240)
         assert out["stdout"] == "True False\n", out
-        await _api(jp_fetch, "kernels", kid, "snapshots", "d1", method="DELETE")
-        listing = await _api(jp_fetch, "kernels", kid, "snapshots")
+        await api(jp_fetch, "kernels", kid, "snapshots", "d1", method="DELETE")
+        listing = await api(jp_fetch, "kernels", kid, "snapshots")
         assert [s["name"] for s in listing["snapshots"]] == ["before"]
     finally:
         kc.stop_channels()
@@ -258,11 +229,9 @@ async def test_server_start_reaps_a_dead_servers_sandboxes(orphan_kernel: str, j
     import os
     import time
 
-    from test_reliability import _containers
-
     state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"]) / orphan_kernel
     deadline = time.monotonic() + 60
-    while (_containers(orphan_kernel) or state.exists()) and time.monotonic() < deadline:
+    while (docker_containers(orphan_kernel) or state.exists()) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
-    assert not _containers(orphan_kernel), "the orphaned container must be reaped at server start"
+    assert not docker_containers(orphan_kernel), "the orphaned container must be reaped at server start"
     assert not state.exists(), "and its state directory"

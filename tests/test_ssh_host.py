@@ -11,6 +11,7 @@ import pytest
 
 from helpers.ssh_host import USER, kernel_dirs, ssh_host as running_ssh_host
 from lifecycle import LifecycleSuite, Runtime, run_cell, start, wait_until
+from sandbox_kernels.errors import HostKeyMismatch
 from sandbox_kernels.ssh.keys import generate_keypair
 
 pytestmark = pytest.mark.ssh
@@ -58,7 +59,7 @@ async def test_unknown_host_key_refused(ssh_host: dict[str, str], kernelspec_dir
     stranger = generate_keypair("stranger")
     kdir = kernelspec_dir("sandbox-ssh", name="wrongkey", host_key=stranger.public_line)
     ksm = KernelSpecManager(kernel_dirs=[str(kdir)])
-    with pytest.raises(Exception) as info:
+    with pytest.raises(HostKeyMismatch) as info:
         await start("wrongkey", ksm=ksm, timeout=30)
     text = str(info.value)
     assert "host key" in text.lower() and stranger.fingerprint in text, text

@@ -374,7 +374,7 @@ async def test_snapshot_quota_counts_kept_snapshots(jp_fetch: Any, jp_serverapp:
 
     from sandbox_kernels.errors import SandboxQuotaExceeded
     from sandbox_kernels.snapshots.control import SnapshotClient
-    from test_snapshot_api import _api, _start, _status
+    from helpers.server_api import api as _api, api_status as _status, start_server_kernel as _start
 
     monkeypatch.setenv("SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT", "2")
     monkeypatch.setenv("SANDBOX_KERNELS_SNAPSHOT_MAX_BYTES", "8m")

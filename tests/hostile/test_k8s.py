@@ -26,7 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from helpers.k8s import NAMESPACE, core, network_policies, networking, pods
 from hostile.suite import HostileRuntime, HostileSuite
 from lifecycle import run_cell, start, wait_until
-from sandbox_kernels.errors import SandboxError
+from sandbox_kernels.errors import SandboxConfigError, SandboxError
 
 pytestmark = [pytest.mark.hostile, pytest.mark.k8s]
 
@@ -77,7 +77,7 @@ async def test_admin_may_allow_network(k8s_cluster: str, monkeypatch: pytest.Mon
 
 async def test_a_kernelspec_cannot_allow_network(k8s_cluster: str, kernelspec_dir: Any) -> None:
     ksm = KernelSpecManager(kernel_dirs=[str(kernelspec_dir("sandbox-k8s", name="k8s-net", allow_network=True))])
-    with pytest.raises(Exception, match="allow_network"):
+    with pytest.raises(SandboxConfigError, match="allow_network"):
         await start("k8s-net", ksm=ksm, timeout=60)
     assert not pods() and not network_policies()
 
