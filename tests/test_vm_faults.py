@@ -16,6 +16,7 @@ from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 from traitlets.config import Config
 
 from lifecycle import run_cell, start, wait_until
+from sandbox_kernels.errors import SandboxError
 
 pytestmark = pytest.mark.vm
 
@@ -34,7 +35,7 @@ async def _start_refused(kernelspec_dir: Any, admin: dict[str, Any] | None = Non
     kdir = kernelspec_dir("sandbox-nixos-vm", name="fault", **config)
     km = AsyncKernelManager(kernel_name="fault", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kdir)]),
                             config=Config({"LibvirtProvisioner": admin or {}}))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(SandboxError) as info:
         await km.start_kernel()
     assert not km.has_kernel
     assert f"sandbox-kernels-{km.kernel_id}" not in _domains()
