@@ -21,7 +21,7 @@ from traitlets.config import Config
 
 from sandbox_kernels.errors import SandboxConfigError
 from sandbox_kernels.policy import widening_settings
-from sandbox_kernels.runtimes.registry import RUNTIMES, load
+from sandbox_kernels.runtimes.registry import records
 
 pytestmark = pytest.mark.hostile
 
@@ -67,19 +67,19 @@ def _attack(cls: type, name: str, rule: Any) -> tuple[dict[str, Any], Any]:
 
 CASES = [
     pytest.param(runtime, name, rule, id=f"{runtime.kernel_name}-{name}")
-    for runtime in RUNTIMES.values()
-    for name, rule in widening_settings(load(runtime.name)).items()
+    for runtime in records()
+    for name, rule in widening_settings(runtime.load("provisioner")).items()
 ]
 
 
 def test_every_runtime_has_widening_settings() -> None:
     names = {runtime.kernel_name for runtime, *_ in (c.values for c in CASES)}
-    assert names == {r.kernel_name for r in RUNTIMES.values()}
+    assert names == {r.kernel_name for r in records()}
 
 
 @pytest.mark.parametrize("runtime, name, rule", CASES)
 async def test_kernelspec_cannot_widen(runtime: Any, name: str, rule: Any, tmp_path: Path) -> None:
-    cls = load(runtime.name)
+    cls = runtime.load("provisioner")
     admin, value = _attack(cls, name, rule)
     spec = json.loads((REPO / "kernelspecs" / runtime.kernel_name / "kernel.json").read_text())
     spec["metadata"]["kernel_provisioner"]["config"] = {name: value}
