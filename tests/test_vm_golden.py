@@ -102,15 +102,15 @@ def test_golden_key_follows_the_configuration(kernelspec_dir: Any) -> None:
         dom = DomainSpec(kernel_id="k", domain_type="qemu", memory_mib=memory, vcpus=1,
                          kernel=prov.kernel_path, initrd=prov.initrd_path, root="/r", seed="/s",
                          serial_log="/c", ssh_port=2222)
-        return str(prov._golden_key(dom))
+        return str(prov.golden.key(dom))
 
     assert key() == key()
     assert key() != key(memory=384)
     assert key() != key(env={"PYTHONPATH": "/x"})
     assert key() != key(ssh_user="someone")
-    assert LibvirtProvisioner(kernel_id="k", kernel_spec=spec)._golden_eligible()
-    assert not LibvirtProvisioner(kernel_id="k", kernel_spec=spec, workspace="w")._golden_eligible()
-    assert not LibvirtProvisioner(kernel_id="k", kernel_spec=spec, golden_snapshot=False)._golden_eligible()
+    assert LibvirtProvisioner(kernel_id="k", kernel_spec=spec).golden.eligible()
+    assert not LibvirtProvisioner(kernel_id="k", kernel_spec=spec, workspace="w").golden.eligible()
+    assert not LibvirtProvisioner(kernel_id="k", kernel_spec=spec, golden_snapshot=False).golden.eligible()
 
 
 def test_cli_builds_once_lists_and_refuses_other_kernels() -> None:

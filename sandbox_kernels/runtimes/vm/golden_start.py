@@ -1,8 +1,9 @@
 """Golden-snapshot starts for the VM runtime (the store and the reseed are in golden.py).
 
-A mixin of :class:`~sandbox_kernels.runtimes.vm.provisioner.LibvirtProvisioner`: it builds a
-golden snapshot from a VM booted as the kernelspec configures it, and starts a kernel's VM by
-restoring one; the VM itself is the provisioner's :class:`~.machine.Machine`.
+:class:`GoldenStart` is held by :class:`~sandbox_kernels.runtimes.vm.provisioner.LibvirtProvisioner`
+(``provisioner.golden``) and reads it through its public names only: it builds a golden
+snapshot from a VM booted as the kernelspec configures it, and starts a kernel's
+:class:`~.machine.Machine` by restoring one.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import hashlib
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...aio import to_thread
 from ...errors import SandboxConfigError, SandboxError, SandboxStartError
-from ...provisioning.base import _shielded, _track
+from ...provisioning.exit_cleanup import shielded, track
 from . import golden
 from .domain_xml import DomainSpec
 from .machine import Machine
-from .slots import acquire_slot, slots_dir
+
+if TYPE_CHECKING:
+    from .provisioner import LibvirtProvisioner
 
 #: Wait (in the guest) until the preloader has imported ipykernel; exit 3 with its log if it died.
-_WAIT_PRELOADED = r"""
+WAIT_PRELOADED = r"""
 log=$1 pid=$2
 while kill -0 "$pid" 2>/dev/null; do
     grep -q '^preloaded' "$log" 2>/dev/null && exit 0
@@ -35,125 +38,133 @@ exit 3
 
 
 class GoldenStart:
-    """Golden snapshots: restore a kernel's VM from one, or build one."""
+    """Golden snapshots of one provisioner's VM configuration: restore from one, or build one.
 
-    # Provided by LibvirtProvisioner and its bases.
-    kernel_spec: Any
-    log: Any
+    Attributes:
+        inputs: what the last computed key was made of (saved with a built snapshot).
+    """
 
-    def _golden_eligible(self) -> bool:
+    def __init__(self, provisioner: LibvirtProvisioner) -> None:
+        self.prov = provisioner
+        self.inputs: dict[str, Any] = {}
+
+    def eligible(self) -> bool:
         """Golden snapshots serve preloaded kernels in VMs without a workspace disk."""
-        argv = list(self.kernel_spec.argv) if self.kernel_spec is not None else []
-        return (self.golden_snapshot and self.preload and not self.workspace
+        prov = self.prov
+        argv = list(prov.kernel_spec.argv) if prov.kernel_spec is not None else []
+        return (prov.golden_snapshot and prov.preload and not prov.workspace
                 and argv[1:3] == ["-m", "ipykernel_launcher"])
 
-    def _golden_env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         """The preloader's environment in a golden VM: the kernelspec's, nothing per kernel."""
-        env = dict(self.kernel_spec.env or {}) if self.kernel_spec is not None else {}
+        spec = self.prov.kernel_spec
+        env = dict(spec.env or {}) if spec is not None else {}
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _golden_key(self, spec: DomainSpec) -> str:
+    def key(self, spec: DomainSpec) -> str:
         """The key of the golden snapshot a VM with ``spec`` can be restored from."""
+        prov = self.prov
         script = resources.files("sandbox_kernels.guest").joinpath("kernel_preloader.py").read_bytes()
-        inputs = {
-            "base": golden.file_identity(self.base_image),
+        self.inputs = {
+            "base": golden.file_identity(prov.base_image),
             "kernel": golden.file_identity(spec.kernel),
             "initrd": golden.file_identity(spec.initrd) if spec.initrd else None,
             "domain_type": spec.domain_type, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
             # The outbound NIC (passt) is part of the machine a clone must match.
             "cmdline": spec.cmdline, "network": "passt" if spec.allow_network else False,
-            "user": self.ssh_user,
-            "python": self.kernel_spec.argv[0], "env": self._golden_env(),
-            "preloader": hashlib.sha256(script).hexdigest(), "cwd": self.remote_cwd(),
+            "user": prov.ssh_user,
+            "python": prov.kernel_spec.argv[0], "env": self.env(),
+            "preloader": hashlib.sha256(script).hexdigest(), "cwd": prov.remote_cwd(),
         }
-        self._golden_inputs = inputs
-        return golden.golden_key(inputs)
+        return golden.golden_key(self.inputs)
 
-    async def start_from_golden(self, machine: Machine) -> bool:
-        """Restore ``machine`` from this configuration's golden snapshot, if there is one.
+    async def restore(self, machine: Machine) -> bool:
+        """Restore ``machine`` from this configuration's golden snapshot, if there is one, and
+        log in (the provisioner's tunnel).
 
         Returns:
-            Whether it was restored (and logged in): if not, the machine is ready to boot.
+            Whether it was restored; if not, the machine is ready to boot.
         """
-        if not self._golden_eligible():
+        prov = self.prov
+        if not self.eligible():
             return False
-        found = await to_thread(golden.load, self._golden_key(machine.spec))
+        found = await to_thread(golden.load, self.key(machine.spec))
         if found is None:
-            self.log.info("Kernel %s: no golden snapshot for this VM configuration; booting "
+            prov.log.info("Kernel %s: no golden snapshot for this VM configuration; booting "
                           "(`sandbox-kernels vm golden` makes VM starts several times faster)",
-                          self.kernel_id)
+                          prov.kernel_id)
             return False
         started = time.monotonic()
         try:
-            steps = await machine.restore(found, self.ssh_ready_timeout)
-            self.ssh_port = machine.ssh_port
+            steps = await machine.restore(found, prov.ssh_ready_timeout)
+            prov.ssh_port = machine.ssh_port
             waited = time.monotonic()
-            self.tunnel = await self.wait_for_ssh()
+            prov.tunnel = await prov.wait_for_ssh()
         except (SandboxError, OSError) as e:
-            self.log.warning("Kernel %s: could not start from golden snapshot %s (%s); booting "
-                             "instead", self.kernel_id, found.key, e)
-            await self.close_tunnel()
+            prov.log.warning("Kernel %s: could not start from golden snapshot %s (%s); booting "
+                             "instead", prov.kernel_id, found.key, e)
+            await prov.close_tunnel()
             await machine.reset()
             return False
-        self._preloader_pid = found.preloader_pid
-        self.log.info("Kernel %s: VM restored from golden snapshot %s in %.2f s (copy %.2f, "
-                      "revert %.2f, reseed %.2f, ssh %.2f)", self.kernel_id, found.key,
+        prov.kernel_state.preloader_pid = found.preloader_pid
+        prov.log.info("Kernel %s: VM restored from golden snapshot %s in %.2f s (copy %.2f, "
+                      "revert %.2f, reseed %.2f, ssh %.2f)", prov.kernel_id, found.key,
                       time.monotonic() - started, steps["copy"], steps["revert"], steps["reseed"],
                       time.monotonic() - waited)
         return True
 
-    async def build_golden(self, rebuild: bool = False) -> golden.Golden:
+    async def build(self, rebuild: bool = False) -> golden.Golden:
         """Boot a VM, start the preloader in it, and keep its memory snapshot as the golden one.
 
-        Call on a provisioner configured like the kernelspec it serves, with a kernel id of
+        The provisioner must be configured like the kernelspec it serves, with a kernel id of
         its own (the VM is named and labelled like any other, so a crash leaves nothing that
-        `sandbox-kernels reap` cannot remove). A second builder of the same key waits for the
-        first and returns its result. ``rebuild``: build it anew even if it exists.
+        `sandbox-kernels reap` cannot remove); it is torn down after. A second builder of the
+        same key waits for the first and returns its result. ``rebuild``: build anew.
 
         Raises:
             SandboxConfigError: this configuration cannot use golden snapshots.
             SandboxError / SandboxTimeout: the VM did not boot or the preloader failed.
         """
-        self.validate_settings()
-        _track(self)  # removed at interpreter exit if this is interrupted
-        if not self._golden_eligible():
+        prov = self.prov
+        prov.validate_settings()
+        track(prov)  # removed at interpreter exit if this is interrupted
+        if not self.eligible():
             raise SandboxConfigError(
                 "golden snapshots need golden_snapshot and preload on, no workspace, and a "
                 "kernelspec that runs `python -m ipykernel_launcher`.")
-        self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
-                                        self.log, f"golden snapshot build {self.kernel_id}")
         try:
-            machine = await self.assemble_machine()
-            key = self._golden_key(machine.spec)
+            await prov.take_slot(f"golden snapshot build {prov.kernel_id}")
+            machine = await prov.assemble_machine()
+            key = self.key(machine.spec)
             with golden.build_lock(key):
                 if rebuild:
                     await to_thread(golden.remove, key)
                 existing = await to_thread(golden.load, key)
                 if existing is not None:
                     return existing
-                return await self._build_golden(machine, key)
+                return await self._build(machine, key)
         finally:
-            await _shielded(self._teardown())
+            await shielded(prov.teardown())
 
-    async def _build_golden(self, machine: Machine, key: str) -> golden.Golden:
+    async def _build(self, machine: Machine, key: str) -> golden.Golden:
+        prov = self.prov
         spec = machine.spec
-        self.log.info("Golden snapshot %s: booting the VM", key)
+        prov.log.info("Golden snapshot %s: booting the VM", key)
         await machine.boot()
-        self.ssh_port = machine.ssh_port
-        self.tunnel = await self.wait_for_ssh()
-        tunnel = await self._tunnel_ready()
-        rdir = self.remote_dir()
-        await self._remote(tunnel.run, ["mkdir", "-p", "-m", "700", rdir], None, 30)
-        self.log.info("Golden snapshot %s: importing ipykernel in the guest", key)
-        await self._start_preloader(tunnel, self.kernel_spec.argv[0], self._golden_env())
-        result = await self._remote(tunnel.run, ["sh", "-c", _WAIT_PRELOADED, "sandbox-kernels-preload",
-                                                 f"{rdir}/preloader.log", str(self._preloader_pid)],
-                                    None, self.launch_timeout)
+        prov.ssh_port = machine.ssh_port
+        prov.tunnel = await prov.wait_for_ssh()
+        kernel = await prov.remote_kernel()
+        await kernel.prepare_dir()
+        prov.log.info("Golden snapshot %s: importing ipykernel in the guest", key)
+        preloader = await kernel.start_preloader(prov.kernel_spec.argv[0], self.env())
+        result = await to_thread(kernel.shell.run, ["sh", "-c", WAIT_PRELOADED, "sandbox-kernels-preload",
+                                                    f"{kernel.remote_dir}/preloader.log", str(preloader)],
+                                 None, prov.launch_timeout)
         if result.exit_code != 0:
             raise SandboxStartError(f"the kernel preloader failed in the golden VM. Its log:\n"
                                     f"{result.stdout.decode(errors='replace')}")
-        await self.close_tunnel()
+        await prov.close_tunnel()
         # Every clone will be told to reseed: check now that this image's guest can (an image
         # without the agent would make each clone wait for the timeout before it boots).
         try:
@@ -164,11 +175,11 @@ class GoldenStart:
                 "contract (see sandbox-init / the NixOS recipe); rebuild it, or set "
                 "golden_snapshot false.") from e
         await asyncio.sleep(0.5)  # let the guest end the SSH sessions before the snapshot
-        self.log.info("Golden snapshot %s: saving the VM's memory", key)
-        await machine.snapshot(golden.SNAPSHOT, self.job_completion_timeout)
+        prov.log.info("Golden snapshot %s: saving the VM's memory", key)
+        await machine.snapshot(golden.SNAPSHOT, prov.job_completion_timeout)
         snapshot_xml = (await to_thread(machine.host.snapshot_xmls, machine.name))[0]
         await machine.destroy()
-        saved = await to_thread(golden.save, key, Path(spec.root), snapshot_xml,
-                                int(self._preloader_pid or 0), self._golden_inputs)
-        self.log.info("Golden snapshot %s saved (%d MiB)", key, saved.root.stat().st_size >> 20)
+        saved = await to_thread(golden.save, key, Path(spec.root), snapshot_xml, int(preloader),
+                                self.inputs)
+        prov.log.info("Golden snapshot %s saved (%d MiB)", key, saved.root.stat().st_size >> 20)
         return saved

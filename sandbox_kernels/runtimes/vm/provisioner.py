@@ -23,8 +23,9 @@ from ...errors import SandboxConfigError, SandboxError, SandboxUnavailable
 from ...images.guest_os import guest_os
 from ...settings import check_name, env_default, parse_size
 from ...ssh.keys import create_sandbox_keys, load_private_key
+from ...remote.ssh_provisioner import SSHKernelProvisioner
+from ...snapshots.model import Capabilities, Snapshot
 from ...ssh.tunnel import SSHTunnel
-from ..tunnelled import TunnelledProvisioner
 from . import golden, image_policy, overlay
 from .domain_xml import check_cmdline_word, check_memory_mib, check_vcpus
 from .boot import console_tail
@@ -32,10 +33,10 @@ from .golden_start import GoldenStart
 from .libvirt_conn import LibvirtHost
 from .machine import CONSOLE_LINES, Machine, MachineConfig, MachineKeys, assemble, remove_files
 from .slots import VMSlot, acquire_slot, slots_dir
-from .snapshots import VMSnapshots
+from .snapshots import CAPABILITIES, VMSnapshots
 
 
-class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
+class LibvirtProvisioner(SSHKernelProvisioner):
     """Runs the kernel in its own libvirt/QEMU VM, reached only over SSH."""
 
     runtime = "libvirt"
@@ -150,7 +151,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         self._keys: dict[str, str] = {}
         #: How the VM started: "boot", or "golden" (restored from a golden snapshot).
         self.start_mode = ""
-        self._golden_inputs: dict[str, Any] = {}
+        #: Golden-snapshot starts and builds, and the kernel's snapshots (collaborators that
+        #: use this provisioner's public names).
+        self.golden = GoldenStart(self)
+        self.snapshots = VMSnapshots(self)
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -209,10 +213,42 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Take a VM slot first (waiting in line if all are in use)."""
         kwargs = await super().pre_launch(**kwargs)
+        await self.take_slot(f"kernel {self.kernel_id}")
+        return kwargs
+
+    async def take_slot(self, purpose: str) -> None:
+        """Hold one of this host's VM slots (waiting in line if all are in use) until the VM
+        is destroyed; ``purpose`` names the waiter in the log."""
         if self._slot is None:
             self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
-                                            self.log, f"kernel {self.kernel_id}")
-        return kwargs
+                                            self.log, purpose)
+
+    async def build_golden(self, rebuild: bool = False) -> golden.Golden:
+        """Build this configuration's golden snapshot (see :meth:`GoldenStart.build`); the
+        provisioner is torn down after."""
+        return await self.golden.build(rebuild)
+
+    # -- snapshots (see snapshots.py) -----------------------------------------------------------
+
+    def snapshot_capabilities(self) -> Capabilities:
+        """Memory snapshots (live, the default) and disk-only snapshots."""
+        return CAPABILITIES
+
+    async def snapshot_list(self) -> list[Snapshot]:
+        """The VM's snapshots."""
+        return await self.snapshots.list()
+
+    async def snapshot_create(self, name: str, kind: str, keep: bool) -> Snapshot:
+        """A memory or disk snapshot of the VM."""
+        return await self.snapshots.create(name, kind, keep)
+
+    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
+        """Revert the VM; returns whether the kernel was restarted (disk kind)."""
+        return await self.snapshots.rollback(snapshot)
+
+    async def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """Delete one of the VM's snapshots."""
+        await self.snapshots.delete(snapshot)
 
     # -- the VM ---------------------------------------------------------------------------------
 
@@ -264,12 +300,12 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         With a golden snapshot for this configuration the VM is restored from it (and its
         preloader is ready); without one, or if the restore fails, it boots.
         """
-        self._preloader_pid = None  # a new machine has none yet
+        self.kernel_state.preloader_pid = None  # a new machine has none yet
         self.start_mode = "boot"
         machine = await self.assemble_machine()
         self.log.info("Kernel %s: VM guest %s; serial console log %s", self.kernel_id,
                       self.sandbox_description(), machine.console)
-        if await self.start_from_golden(machine):
+        if await self.golden.restore(machine):
             self.start_mode = "golden"
             return
         await machine.boot()
@@ -282,7 +318,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
         return await self.machine.wait_ssh(connect or self.open_tunnel, self.ssh_ready_timeout,
                                            "NIXOS_VM_SSH_READY_TIMEOUT")
 
-    def _machine_now(self) -> Machine:
+    def machine_now(self) -> Machine:
         """The kernel's machine; re-made from the saved state after a re-attach."""
         if self.machine is None:
             if self._host is None:
@@ -295,7 +331,7 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
 
     async def open_tunnel(self) -> SSHTunnel:
         """Connect to the forwarded port with the per-kernel key, pinning the seeded host key."""
-        return await self._machine_now().open_tunnel(self.ssh_user, self.ssh_ready_timeout, self.log)
+        return await self.machine_now().open_tunnel(self.ssh_user, self.ssh_ready_timeout, self.log)
 
     def preload_kernels(self) -> bool:
         """Fork kernels from a preloaded process (the VM goes with the kernel)."""
@@ -344,10 +380,10 @@ class LibvirtProvisioner(GoldenStart, VMSnapshots, TunnelledProvisioner):
             self.log.warning("Kernel %s: could not remove VM %s: %s (`sandbox-kernels reap` will)",
                              self.kernel_id, self.sandbox_name, e)
         self._host = None
-        kept = [s for s in self._snapshot_meta().values() if s.get("keep")]
+        kept = self.snapshots.kept()
         if kept:
             self.log.info("Kernel %s: keeping overlay %s with snapshots %s", self.kernel_id,
-                          self.vm_dir, [s["name"] for s in kept])
+                          self.vm_dir, kept)
         await to_thread(remove_files, self.vm_dir, bool(kept))
         if self._slot is not None:
             self._slot.release()
