@@ -17,7 +17,8 @@ import pytest
 from sandbox_kernels.errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout
 from sandbox_kernels.runtimes.vm import golden, machine as machine_mod
 from sandbox_kernels.runtimes.vm.accel import AccelChoice
-from sandbox_kernels.runtimes.vm.machine import Machine, MachineConfig, MachineKeys, assemble, remove_files
+from sandbox_kernels.runtimes.vm.machine import Machine, assemble
+from sandbox_kernels.runtimes.vm.machine_parts import MachineConfig, MachineKeys, remove_files
 from sandbox_kernels.runtimes.vm.seed import read_seed
 from sandbox_kernels.ssh.keys import generate_keypair
 

@@ -34,7 +34,8 @@ from .accel import AccelChoice
 from .golden import reseed
 from .image import boot_files
 from .libvirt_conn import DEFAULT_URI, LibvirtHost
-from .machine import Machine, MachineConfig, MachineKeys, assemble
+from .machine import Machine, assemble
+from .machine_parts import MachineConfig, MachineKeys
 from .overlay import check_base_image, create_workspace
 
 log = logging.getLogger("sandbox_kernels.vm")

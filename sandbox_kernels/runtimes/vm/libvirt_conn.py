@@ -13,23 +13,17 @@ import logging
 import re
 from typing import Any, Iterator
 
-from ...errors import (
-    SandboxError,
-    SandboxNotFound,
-    SandboxStartError,
-    SandboxTimeout,
-    SandboxUnavailable,
-)
+from ...errors import SandboxError, SandboxUnavailable
 from ...labels import DOMAIN_PREFIX
 from ...settings import check_name
 from ..registry import require
 from . import qemu_process
 from .domain_xml import METADATA_NS, DomainSpec, SnapshotSpec, read_metadata
+from .libvirt_errors import START_DAEMONS, lost_connection, message, start_error, translate
 
 log = logging.getLogger("sandbox_kernels.vm")
 
 DEFAULT_URI = "qemu:///system"
-_START_DAEMONS = "start it: `virtlogd -d && libvirtd -d` (or `systemctl start libvirtd`)"
 
 
 class LibvirtHost:
@@ -68,8 +62,8 @@ class LibvirtHost:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise SandboxUnavailable(
-                f"cannot connect to libvirt at {self.uri}: {_message(e)}. Is libvirtd running? "
-                f"{_START_DAEMONS}."
+                f"cannot connect to libvirt at {self.uri}: {message(e)}. Is libvirtd running? "
+                f"{START_DAEMONS}."
             ) from e
         return self._conn
 
@@ -90,28 +84,12 @@ class LibvirtHost:
             raise self._translate(e, what, name) from e
 
     def _translate(self, e: Any, what: str, name: str) -> SandboxError:
-        libvirt = self._libvirt
-        code = e.get_error_code()
-        text = f"{what}{f' ({name})' if name else ''}: {_message(e)}"
-        if code == libvirt.VIR_ERR_NO_DOMAIN:
-            return SandboxNotFound(f"{text}. The VM is gone (destroyed outside sandbox-kernels?).")
-        if code == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-            return SandboxNotFound(f"{text}. List snapshots to see which exist.")
-        if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
-            return SandboxTimeout(f"{text}. libvirtd or QEMU is busy; retry.")
-        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR) and \
-                e.get_error_domain() == libvirt.VIR_FROM_RPC:
+        if lost_connection(self._libvirt, e):
             self.close()
-            return SandboxUnavailable(f"{text}. Lost libvirtd; {_START_DAEMONS}.")
-        if code == libvirt.VIR_ERR_OPERATION_INVALID:
-            return SandboxError(f"{text}. The VM is not in a state that allows this.")
-        return SandboxError(text)
+        return translate(self._libvirt, e, what, name)
 
     def _start_error(self, e: Any, what: str, name: str) -> SandboxError:
-        error = self._translate(e, what, name)
-        if type(error) is SandboxError:
-            return SandboxStartError(f"{error}{_access_hint(_message(e))}")
-        return error
+        return start_error(self._translate(e, what, name), e)
 
     # -- domains ---------------------------------------------------------------------------
 
@@ -414,20 +392,9 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt error handler that prints nothing (errors arrive as exceptions)."""
 
 
-def _message(e: Any) -> str:
-    return str(e.get_error_message() or e).strip()
-
-
 def _undefine_flags(libvirt: Any) -> int:
     return int(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-
-
-def _access_hint(message: str) -> str:
-    if "Permission denied" in message or "Cannot access storage file" in message:
-        return (". QEMU runs as another user under qemu:///system and must be able to reach "
-                "every directory above the images; see NIXOS_EPHEMERAL_VM_IMAGES_DIR.")
-    return ""
 
 
 def _creation_time(snap: Any) -> int:

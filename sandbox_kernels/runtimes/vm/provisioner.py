@@ -31,7 +31,8 @@ from .domain_xml import check_cmdline_word, check_memory_mib, check_vcpus
 from .boot import console_tail
 from .golden_start import GoldenStart
 from .libvirt_conn import LibvirtHost
-from .machine import CONSOLE_LINES, Machine, MachineConfig, MachineKeys, assemble, remove_files
+from .machine import CONSOLE_LINES, Machine, assemble
+from .machine_parts import MachineConfig, MachineKeys, remove_files
 from .slots import VMSlot, acquire_slot, slots_dir
 from .snapshots import CAPABILITIES, VMSnapshots
 
