@@ -3,9 +3,11 @@ same texts both shells (SSH exec, Kubernetes exec) run in sandboxes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -49,20 +51,26 @@ def test_environment_values_reach_the_process_byte_for_byte(tmp_path: Path) -> N
 
 
 def test_argv_launch_status_and_signal(tmp_path: Path) -> None:
+    """(Only pids > 1 are ever signalled: the launcher's pid is checked first.)"""
     words = scripts.env_words({"X": "1"})
     log = tmp_path / "k.log"
     result = sh(scripts.LAUNCH_ARGV, "", str(log), scripts.WRAPPER_ARGV, str(len(words)), *words,
                 "sh", "-c", 'echo "$X"; exec sleep 30')
     pid = int(result.stdout)
+    assert pid > 1
     try:
         assert sh(scripts.STATUS, str(pid), f"{log}.exit").stdout == b"running\n"
+        deadline = time.monotonic() + 10
+        while not log.read_text() and time.monotonic() < deadline:  # the child has its environment
+            time.sleep(0.05)
         assert sh(scripts.SIGNAL, "TERM", str(pid)).returncode == 0
         wait_for(Path(f"{log}.exit"))
         assert sh(scripts.STATUS, str(pid), f"{log}.exit").stdout.split()[0] == b"exited"
         assert log.read_text().startswith("1\n")
         assert sh(scripts.SIGNAL, "TERM", str(pid)).returncode == 3  # no such process
     finally:
-        subprocess.run(["kill", "-KILL", f"-{pid}"], capture_output=True, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # never /bin/kill: procps reads "-<pid>" as "-1", everything
 
 
 def test_gone_process_without_status() -> None:
