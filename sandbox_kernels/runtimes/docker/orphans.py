@@ -6,16 +6,20 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import TYPE_CHECKING
 
 from ... import labels
 from ...errors import SandboxError
 from ...reap import Orphan, OrphanFinder
 
+if TYPE_CHECKING:
+    from .engine import DockerEngine
+
 
 class DockerOrphans(OrphanFinder):
     """Containers labelled as ours; the engine named by the Docker client's environment."""
 
-    def _engine(self):  # type: ignore[no-untyped-def]
+    def _engine(self) -> DockerEngine:
         from .engine import DockerEngine
 
         return DockerEngine(timeout=10)

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ... import labels
 from ...errors import SandboxError
 from ...reap import Orphan, OrphanFinder
 
+if TYPE_CHECKING:
+    from .libvirt_conn import LibvirtHost
+
 
 class VMOrphans(OrphanFinder):
     """Domains named ``sandbox-kernels-<kernel id>`` at the settings' ``libvirt_uri``."""
 
-    def _host(self):  # type: ignore[no-untyped-def]
+    def _host(self) -> LibvirtHost:
         from .libvirt_conn import LibvirtHost
 
         return LibvirtHost(self.settings.libvirt_uri)
