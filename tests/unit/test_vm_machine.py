@@ -1,7 +1,7 @@
 """The VM runtime's Machine without libvirt or QEMU: assembly, starts, waits and clean-up.
 
-A fake libvirt connection (:class:`FakeHost`) stands in for :class:`LibvirtHost`; qemu-img,
-the accelerator probe and the ACL grants are replaced by recorders. The engine suites
+A fake libvirt connection (``helpers.vm_fakes.FakeHost``) stands in for ``LibvirtHost``;
+qemu-img, the accelerator probe and the ACL grants are replaced by recorders. The engine suites
 (tests/test_vm*.py) prove the real parts.
 """
 
@@ -16,105 +16,17 @@ import pytest
 
 from sandbox_kernels.errors import SandboxConfigError, SandboxError, SandboxStartError, SandboxTimeout
 from sandbox_kernels.runtimes.vm import golden, machine as machine_mod
-from sandbox_kernels.runtimes.vm.accel import AccelChoice
 from sandbox_kernels.runtimes.vm.machine import Machine, assemble
 from sandbox_kernels.runtimes.vm.machine_parts import MachineConfig, MachineKeys, remove_files
 from sandbox_kernels.runtimes.vm.seed import read_seed
 from sandbox_kernels.ssh.keys import generate_keypair
 
-
-class FakeHost:
-    """The few LibvirtHost operations a Machine uses, recorded; failures on demand."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.domains: dict[str, str] = {}
-        self.start_errors: list[Exception] = []
-        self.destroy_error: Exception | None = None
-        self.snapshots: list[str] = []
-
-    def emulator_identity(self) -> tuple[int, list[int]]:
-        return 0, [0]
-
-    def start(self, spec: Any, paused: bool = False) -> str:
-        self.calls.append(("start", spec.ssh_port))
-        spec.to_xml()  # a real start validates the spec first
-        if self.start_errors:
-            raise self.start_errors.pop(0)
-        self.domains[spec.name] = "paused" if paused else "running"
-        return str(spec.name)
-
-    def start_xml(self, name: str, xml: str) -> None:
-        self.calls.append(("start_xml", xml))
-        self.domains[name] = "running"
-
-    def state(self, name: str) -> str:
-        return self.domains.get(name, "missing")
-
-    def destroy(self, name: str) -> bool:
-        self.calls.append(("destroy", name))
-        if self.destroy_error is not None:
-            raise self.destroy_error
-        return self.domains.pop(name, None) is not None
-
-    def load_snapshot(self, name: str, snapshot: str) -> None:
-        self.calls.append(("load_snapshot", snapshot))
-
-    def resume(self, name: str) -> None:
-        self.domains[name] = "running"
-
-    def qmp(self, name: str, command: str, arguments: Any = None) -> Any:
-        self.calls.append(("qmp", command))
-        return []
-
-    def snapshot_create(self, name: str, snapshot: str, memory: bool = True) -> None:
-        self.snapshots.append(snapshot)
-
-    def snapshot_revert(self, name: str, snapshot: str) -> None:
-        self.calls.append(("revert", snapshot))
-
-    def snapshot_list(self, name: str) -> list[str]:
-        return list(self.snapshots)
-
-    def snapshot_delete(self, name: str, snapshot: str) -> None:
-        self.snapshots.remove(snapshot)
-
-    def restart_xml(self, name: str) -> str:
-        return "<domain/>"
-
-    def snapshot_xmls(self, name: str) -> list[str]:
-        return [f"<domainsnapshot>{s}</domainsnapshot>" for s in self.snapshots]
-
-    def snapshot_redefine(self, name: str, xmls: list[str]) -> None:
-        self.calls.append(("redefine", len(xmls)))
+from helpers.vm_fakes import FakeHost, fake_images
 
 
 @pytest.fixture
-def fake_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """A base image, kernel and initrd as plain files; qemu-img, the probe and ACLs faked."""
-    images = tmp_path / "images"
-    images.mkdir()
-    base, kernel = images / "guest.qcow2", images / "guest.vmlinuz"
-    base.write_bytes(b"QFI\xfb")
-    kernel.write_bytes(b"kernel")
-    (images / "guest.cmdline").write_text("init=/nix/init\n")
-    made: dict[str, Any] = {"overlays": [], "grants": []}
-
-    def create_overlay(base_path: Any, directory: Any, name: str = "root.qcow2") -> Path:
-        Path(directory).mkdir(mode=0o700, exist_ok=True)
-        overlay = Path(directory) / name
-        overlay.write_bytes(b"overlay")
-        made["overlays"].append(overlay)
-        return overlay
-
-    monkeypatch.setattr(machine_mod.overlay, "check_base_image", lambda p: Path(p))
-    monkeypatch.setattr(machine_mod.overlay, "create_overlay", create_overlay)
-    monkeypatch.setattr(machine_mod, "choose_domain_type",
-                        lambda setting, kernel: AccelChoice("qemu", "faked"))
-    monkeypatch.setattr(machine_mod, "ensure_emulator_access",
-                        lambda paths, uid, gids: made["grants"].append([str(p) for p in paths]))
-    made.update(base=base, kernel=kernel, vm_dir=tmp_path / "vm")
-    return made
+def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return fake_images(tmp_path, monkeypatch)
 
 
 def _config(images: dict[str, Any], **changes: Any) -> MachineConfig:
@@ -129,10 +41,10 @@ def _keys() -> MachineKeys:
     return MachineKeys(host.private_openssh, host.public_line, client.public_line, client=client.paramiko_key)
 
 
-def test_assemble_makes_every_file_and_one_domain(fake_images: dict[str, Any]) -> None:
+def test_assemble_makes_every_file_and_one_domain(images: dict[str, Any]) -> None:
     keys = _keys()
-    machine = assemble(_config(fake_images), keys, FakeHost())  # type: ignore[arg-type]
-    vm_dir = fake_images["vm_dir"]
+    machine = assemble(_config(images), keys, FakeHost())  # type: ignore[arg-type]
+    vm_dir = images["vm_dir"]
     spec = machine.spec
     assert (spec.root, spec.seed, spec.serial_log) == (
         str(vm_dir / "root.qcow2"), str(vm_dir / "seed.img"), str(vm_dir / "console.log"))
@@ -147,31 +59,31 @@ def test_assemble_makes_every_file_and_one_domain(fake_images: dict[str, Any]) -
     assert b"OPENSSH PRIVATE KEY" in seed["ssh_host_ed25519_key"]
     assert len(seed["random_seed"]) == 32 and "network" not in seed and "workspace" not in seed
     # QEMU is given every file it opens, the base image and the kernel included.
-    granted = fake_images["grants"][0]
-    for path in (spec.root, spec.seed, spec.serial_log, str(fake_images["base"]), spec.kernel):
+    granted = images["grants"][0]
+    for path in (spec.root, spec.seed, spec.serial_log, str(images["base"]), spec.kernel):
         assert path in granted
     assert "sandbox-kernels-k1" in spec.to_xml()
 
 
-def test_assemble_with_network_and_workspace(fake_images: dict[str, Any], tmp_path: Path) -> None:
+def test_assemble_with_network_and_workspace(images: dict[str, Any], tmp_path: Path) -> None:
     workspace = tmp_path / "ws.qcow2"
     workspace.write_bytes(b"ws")
-    machine = assemble(_config(fake_images, allow_network=True, workspace=str(workspace)),
+    machine = assemble(_config(images, allow_network=True, workspace=str(workspace)),
                        _keys(), FakeHost())  # type: ignore[arg-type]
     seed = read_seed(machine.spec.seed)
     assert "network" in seed and "workspace" in seed
-    assert machine.spec.outbound_socket == str(fake_images["vm_dir"] / "outbound.sock")
+    assert machine.spec.outbound_socket == str(images["vm_dir"] / "outbound.sock")
     assert [d.serial for d in machine.spec.disks()] == ["sandbox-root", "sandbox-seed", "sandbox-workspace"]
 
 
-def test_assemble_refuses_a_missing_guest_kernel(fake_images: dict[str, Any]) -> None:
+def test_assemble_refuses_a_missing_guest_kernel(images: dict[str, Any]) -> None:
     with pytest.raises(SandboxConfigError, match="guest kernel"):
-        assemble(_config(fake_images, kernel="/nonexistent/vmlinuz"), _keys(), FakeHost())  # type: ignore[arg-type]
-    assert not fake_images["overlays"], "nothing is made before the inputs are checked"
+        assemble(_config(images, kernel="/nonexistent/vmlinuz"), _keys(), FakeHost())  # type: ignore[arg-type]
+    assert not images["overlays"], "nothing is made before the inputs are checked"
 
 
-def test_settings_are_checked_once_with_the_traits_bounds(fake_images: dict[str, Any]) -> None:
-    machine = assemble(_config(fake_images), _keys(), FakeHost())  # type: ignore[arg-type]
+def test_settings_are_checked_once_with_the_traits_bounds(images: dict[str, Any]) -> None:
+    machine = assemble(_config(images), _keys(), FakeHost())  # type: ignore[arg-type]
     for bad in ({"memory_mib": 64}, {"vcpus": 65}, {"extra_cmdline": ("a;b",)}):
         with pytest.raises(SandboxConfigError):
             dataclasses.replace(machine.spec, **bad).to_xml()
@@ -182,13 +94,13 @@ def test_settings_are_checked_once_with_the_traits_bounds(fake_images: dict[str,
             LibvirtProvisioner(**{name: value})
 
 
-def _machine(fake_images: dict[str, Any], host: FakeHost | None = None, **changes: Any) -> Machine:
-    return assemble(_config(fake_images, **changes), _keys(), host or FakeHost())  # type: ignore[arg-type]
+def _machine(images: dict[str, Any], host: FakeHost | None = None, **changes: Any) -> Machine:
+    return assemble(_config(images, **changes), _keys(), host or FakeHost())  # type: ignore[arg-type]
 
 
-def test_boot_moves_to_a_new_port_when_the_chosen_one_was_taken(fake_images: dict[str, Any]) -> None:
+def test_boot_moves_to_a_new_port_when_the_chosen_one_was_taken(images: dict[str, Any]) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     first = machine.ssh_port
     host.start_errors = [SandboxStartError("Could not set up host forwarding rule 'tcp:...'")]
     asyncio.run(machine.boot())
@@ -197,9 +109,9 @@ def test_boot_moves_to_a_new_port_when_the_chosen_one_was_taken(fake_images: dic
     assert len([c for c in host.calls if c[0] == "start"]) == 2
 
 
-def test_boot_gives_up_after_three_ports_and_other_errors_at_once(fake_images: dict[str, Any]) -> None:
+def test_boot_gives_up_after_three_ports_and_other_errors_at_once(images: dict[str, Any]) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     host.start_errors = [SandboxStartError("host forwarding rule")] * 3
     with pytest.raises(SandboxStartError):
         asyncio.run(machine.boot())
@@ -218,8 +130,8 @@ def _wait(machine: Machine, connect: Any = None, timeout: float = 2.0, **kw: Any
     return asyncio.run(machine.wait_ssh(connect or ok, timeout, **kw))
 
 
-def test_wait_ssh_reports_a_failed_guest_with_its_reason(fake_images: dict[str, Any]) -> None:
-    machine = _machine(fake_images)
+def test_wait_ssh_reports_a_failed_guest_with_its_reason(images: dict[str, Any]) -> None:
+    machine = _machine(images)
     asyncio.run(machine.boot())
     machine.console.write_text("booting\nSANDBOX-FAILED: no root disk\n")
     with pytest.raises(SandboxStartError, match="failed to boot: no root disk") as info:
@@ -227,9 +139,9 @@ def test_wait_ssh_reports_a_failed_guest_with_its_reason(fake_images: dict[str, 
     assert "Console:" in str(info.value)
 
 
-def test_wait_ssh_reports_a_vm_that_stopped(fake_images: dict[str, Any]) -> None:
+def test_wait_ssh_reports_a_vm_that_stopped(images: dict[str, Any]) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     asyncio.run(machine.boot())
     host.domains.clear()  # QEMU went away (a kernel panic with panic=-1)
     machine.console.write_text("Kernel panic - not syncing\n")
@@ -238,15 +150,15 @@ def test_wait_ssh_reports_a_vm_that_stopped(fake_images: dict[str, Any]) -> None
     assert "Kernel panic" in str(info.value)
 
 
-def test_wait_ssh_times_out_without_the_marker(fake_images: dict[str, Any]) -> None:
-    machine = _machine(fake_images)
+def test_wait_ssh_times_out_without_the_marker(images: dict[str, Any]) -> None:
+    machine = _machine(images)
     asyncio.run(machine.boot())
     with pytest.raises(SandboxTimeout, match="did not print SANDBOX-READY within SOME_TIMEOUT=0.5 s"):
         _wait(machine, timeout=0.5, timeout_setting="SOME_TIMEOUT")
 
 
-def test_wait_ssh_retries_the_login_after_the_marker(fake_images: dict[str, Any]) -> None:
-    machine = _machine(fake_images)
+def test_wait_ssh_retries_the_login_after_the_marker(images: dict[str, Any]) -> None:
+    machine = _machine(images)
     asyncio.run(machine.boot())
     machine.console.write_text("\x1b[0mSANDBOX-READY\n")
     attempts = []
@@ -267,10 +179,10 @@ def test_wait_ssh_retries_the_login_after_the_marker(fake_images: dict[str, Any]
         _wait(machine, never, timeout=0.5)
 
 
-def test_restore_loads_the_golden_snapshot_and_reseeds(fake_images: dict[str, Any], tmp_path: Path,
+def test_restore_loads_the_golden_snapshot_and_reseeds(images: dict[str, Any], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     overlay = tmp_path / "golden.qcow2"
     overlay.write_bytes(b"golden overlay")
     found = golden.Golden("key", overlay, "<domainsnapshot/>", 42, 0.0)
@@ -283,10 +195,10 @@ def test_restore_loads_the_golden_snapshot_and_reseeds(fake_images: dict[str, An
     assert host.state(machine.name) == "running" and reseeded == [machine.spec.reseed_socket]
 
 
-def test_reset_after_a_failed_restore_gives_a_fresh_overlay(fake_images: dict[str, Any],
+def test_reset_after_a_failed_restore_gives_a_fresh_overlay(images: dict[str, Any],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     Path(machine.spec.root).write_bytes(b"half-copied golden overlay")
     asyncio.run(machine.boot(paused=True))
     machine.console.write_text("old console")
@@ -294,12 +206,12 @@ def test_reset_after_a_failed_restore_gives_a_fresh_overlay(fake_images: dict[st
     assert host.state(machine.name) == "missing"
     assert Path(machine.spec.root).read_bytes() == b"overlay"
     assert machine.console.read_bytes() == b""
-    assert len(fake_images["overlays"]) == 2
+    assert len(images["overlays"]) == 2
 
 
-def test_destroy_closes_the_outbound_link_even_when_libvirt_fails(fake_images: dict[str, Any]) -> None:
+def test_destroy_closes_the_outbound_link_even_when_libvirt_fails(images: dict[str, Any]) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     closed = []
 
     class Link:
@@ -313,10 +225,10 @@ def test_destroy_closes_the_outbound_link_even_when_libvirt_fails(fake_images: d
     assert closed == [True]
 
 
-def test_memory_rollback_gives_the_guest_fresh_random_bytes(fake_images: dict[str, Any],
+def test_memory_rollback_gives_the_guest_fresh_random_bytes(images: dict[str, Any],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     asyncio.run(machine.boot())
     asyncio.run(machine.snapshot("s1", 5))
     before = read_seed(machine.spec.seed)["random_seed"]
@@ -329,9 +241,9 @@ def test_memory_rollback_gives_the_guest_fresh_random_bytes(fake_images: dict[st
 
 
 def test_disk_rollback_restarts_the_domain_with_its_snapshot_metadata(
-        fake_images: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        images: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     host = FakeHost()
-    machine = _machine(fake_images, host)
+    machine = _machine(images, host)
     asyncio.run(machine.boot())
     asyncio.run(machine.snapshot("mem", 5))
     applied = []
