@@ -372,17 +372,9 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
                 self._state_dir = None
             untrack(self)
 
-    async def _teardown(self) -> None:  # old name; remove once the VM runtime calls teardown()
-        await self.teardown()
-
     async def _safe_diagnostics(self) -> str:
         try:
             text = await asyncio.wait_for(self.diagnostics(), timeout=10)
         except Exception as e:  # diagnostics must never hide the original error
             return f"\n(could not collect diagnostics: {e})"
         return f"\n{text}" if text else ""
-
-
-# Old private names, importable until the VM runtime uses .exit_cleanup's public ones.
-_shielded = shielded
-_track = track
