@@ -51,10 +51,8 @@ def merge_runtimes(config: dict[str, Any], runsc: str, working: list[str],
         runtimes.pop(runtime_name(name), None)
     for name in working:
         runtimes[runtime_name(name)] = runtime_entry(runsc, name)
-    if runtimes:
+    if runtimes or "runtimes" in merged:  # an empty map still tells dockerd's reload to drop ours
         merged["runtimes"] = runtimes
-    else:
-        merged.pop("runtimes", None)
     return merged
 
 
