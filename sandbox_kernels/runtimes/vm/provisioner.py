@@ -271,17 +271,19 @@ class LibvirtProvisioner(SSHKernelProvisioner):
             workspace = str(await to_thread(overlay.create_workspace, self.workspace_dir,
                                             parse_size(self.workspace_size, "workspace_size"),
                                             f"{self.workspace}.qcow2"))
-        config = MachineConfig(
+        self.machine = await to_thread(assemble, self._machine_config(workspace), keys, host, self.log)
+        self.ssh_port = self.machine.ssh_port
+        self.log.debug("Kernel %s: VM domain type %s (%s)", self.kernel_id,
+                       self.machine.spec.domain_type, self.machine.accel.reason if self.machine.accel else "")
+        return self.machine
+
+    def _machine_config(self, workspace: str | None) -> MachineConfig:
+        return MachineConfig(
             machine_id=self.kernel_id, vm_dir=self.vm_dir, base_image=self.base_image,
             kernel=self.kernel_path, initrd=self.initrd_path, hostname=f"sandbox-{self.kernel_id[:8]}",
             accelerator=self.accelerator, memory_mib=self.memory_mb, vcpus=self.vcpus,
             allow_network=self.allow_network, workspace=workspace,
             extra_cmdline=tuple(self.extra_cmdline), labels=self.labels)
-        self.machine = await to_thread(assemble, config, keys, host, self.log)
-        self.ssh_port = self.machine.ssh_port
-        self.log.debug("Kernel %s: VM domain type %s (%s)", self.kernel_id,
-                       self.machine.spec.domain_type, self.machine.accel.reason if self.machine.accel else "")
-        return self.machine
 
     def _make_keys(self) -> MachineKeys:
         """Fresh host and client keys in the state directory (or the static client key)."""
@@ -325,9 +327,9 @@ class LibvirtProvisioner(SSHKernelProvisioner):
             if self._host is None:
                 self._host = LibvirtHost(self.libvirt_uri)
             keys = MachineKeys("", self._keys.get("host_public", ""), "", self._keys.get("client"))
-            self.machine = Machine.existing(self._host, self.kernel_id, self.vm_dir,
-                                            int(self.ssh_port or 0), keys, self.allow_network,
-                                            self.log)
+            workspace = str(Path(self.workspace_dir) / f"{self.workspace}.qcow2") if self.workspace else None
+            self.machine = Machine.existing(self._machine_config(workspace), keys, self._host,
+                                            int(self.ssh_port or 0), self.log)
         return self.machine
 
     async def open_tunnel(self) -> SSHTunnel:
