@@ -207,3 +207,18 @@ async def test_bad_settings_fail_before_anything_is_created(world: FakeWorld, tm
         await km.start_kernel()
     assert world.calls == []
     assert not km.has_kernel
+
+
+async def test_failed_restart_removes_the_kept_sandbox(world: FakeWorld, tmp_path: Path) -> None:
+    """A restart keeps the sandbox; if the new kernel then fails, the sandbox goes too."""
+    km = fake_kernel_manager(write_fake_kernelspec(tmp_path))
+    await km.start_kernel()
+    world.fail["wait_ready"] = SandboxStartError("the new kernel did not come up")
+    mark = len(world.calls)
+    with pytest.raises(SandboxStartError, match="did not come up"):
+        await km.restart_kernel(now=True)
+    assert list(calls_since(world, mark))[-3:] == ["start_kernel", "wait_ready", "destroy_sandbox"]
+    assert not km.provisioner.has_process and await km.provisioner.poll() == 0
+    _nothing_left(world, km.kernel_id)
+    await km.shutdown_kernel(now=True)  # what a client does next: nothing to signal, nothing left
+    assert world.calls[-1] == "destroy_sandbox" and not any(c.startswith("signal") for c in world.calls[-2:])
