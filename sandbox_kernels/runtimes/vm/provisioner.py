@@ -394,7 +394,7 @@ class LibvirtProvisioner(SSHKernelProvisioner):
         self.pid = None
 
     def runtime_state(self) -> dict[str, Any]:
-        """SSH port and key paths in addition to the tunnelled state."""
+        """SSH port and key paths in addition to the kernel's state."""
         return {**super().runtime_state(), "ssh_port": self.ssh_port, "keys": self._keys}
 
     def load_runtime_state(self, state: dict[str, Any]) -> None:
