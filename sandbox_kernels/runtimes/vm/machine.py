@@ -75,9 +75,9 @@ def assemble(config: MachineConfig, keys: MachineKeys, host: LibvirtHost,
 class Machine:
     """One VM: its libvirt connection, domain spec, keys and outbound link.
 
-    Made by :func:`assemble` (or, to re-attach, from a spec). The domain starts with
+    Made by :func:`assemble` (or, to re-attach, by :meth:`existing`). The domain starts with
     :meth:`boot` or :meth:`restore`; :meth:`destroy` stops it and closes the outbound link;
-    :meth:`remove_files` deletes its directory.
+    :func:`~.machine_parts.remove_files` deletes its directory.
     """
 
     def __init__(self, host: LibvirtHost, spec: DomainSpec, keys: MachineKeys, base: Path,
