@@ -56,6 +56,7 @@ def pod_manifest(
     automount_token: bool,
     seccomp: bool,
     ephemeral_storage: str = "",
+    runtime_class_name: str = "",
 ) -> dict[str, Any]:
     """The pod for one kernel.
 
@@ -74,6 +75,8 @@ def pod_manifest(
         ephemeral_storage: the container's ``ephemeral-storage`` limit (its writable layer
             and logs; past it the kubelet evicts the pod) unless ``resources`` sets one;
             '' for none.
+        runtime_class_name: the pod's ``runtimeClassName`` (a RuntimeClass such as gVisor or
+            Kata); '' for the cluster's default runtime.
 
     Returns:
         A dict ready for ``create_namespaced_pod``.
@@ -112,6 +115,8 @@ def pod_manifest(
         spec["tolerations"] = [dict(t) for t in tolerations]
     if service_account:
         spec["serviceAccountName"] = service_account
+    if runtime_class_name:
+        spec["runtimeClassName"] = runtime_class_name
     return {
         "apiVersion": "v1",
         "kind": "Pod",

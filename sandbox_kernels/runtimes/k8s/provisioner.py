@@ -94,9 +94,24 @@ class KubernetesProvisioner(RemoteKernelProvisioner):
                                 "resources.limits sets one; '' for none. "
                                 "Env: SANDBOX_K8S_EPHEMERAL_STORAGE.")
     _ephemeral_storage_default = env_default("ephemeral_storage", "SANDBOX_K8S_EPHEMERAL_STORAGE")
+    runtime_class_name = Unicode("", config=True,
+                                 help="The pod's RuntimeClass (e.g. 'gvisor' or 'kata' where the "
+                                 "cluster has one); '' for the cluster's default. Only an admin "
+                                 "chooses it: another class can widen isolation (e.g. 'runc' where "
+                                 "the admin set gVisor). Env: SANDBOX_K8S_RUNTIME_CLASS_NAME."
+                                 ).tag(widen="admin")
+    _runtime_class_name_default = env_default("runtime_class_name", "SANDBOX_K8S_RUNTIME_CLASS_NAME")
 
     #: A restart in the same pod waits this long for the killed kernel to be gone.
     stop_wait = 5.0
+
+    @validate("runtime_class_name")
+    def _check_runtime_class_name(self, proposal: dict[str, Any]) -> str:
+        value = proposal["value"]
+        if value and not checks.DNS_SUBDOMAIN.fullmatch(value):
+            raise SandboxConfigError(f"runtime_class_name={value!r} is not a RuntimeClass name "
+                                     "(lowercase letters, digits, '-' and '.'; at most 253).")
+        return str(value)
 
     @validate("namespace")
     def _check_namespace(self, proposal: dict[str, Any]) -> str:
@@ -182,6 +197,7 @@ class KubernetesProvisioner(RemoteKernelProvisioner):
             automount_token=self.automount_service_account_token,
             seccomp=cluster.seccomp_field,
             ephemeral_storage=self.ephemeral_storage,
+            runtime_class_name=self.runtime_class_name,
         )
         self.log.info("Creating pod %s/%s (image %s)", self.namespace, self.pod_name, self.image)
         await to_thread(api.create_pod, manifest)
