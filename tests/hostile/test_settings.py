@@ -37,6 +37,7 @@ _ATTACKS: dict[str, Any] = {
     "service_account": "cluster-admin",
     "node_selector": {"node-role.kubernetes.io/control-plane": ""},
     "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}],
+    "runtime_class_name": "runc",  # out of the admin's gVisor/Kata RuntimeClass
 }
 
 
