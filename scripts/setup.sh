@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: `scripts/setup.sh demo` for `make demo` (the Docker and VM runtimes, their
+# Idempotent set-up: `scripts/setup.sh demo` for `make demo` (the Docker, gVisor and VM runtimes, their
 # images, the golden snapshot, the panel), `scripts/setup.sh test` (the default) for `make test`
 # and `make bench` (also chromium, the test and bench extras, and the Kubernetes test cluster's
 # binaries). Debian packages, the daemons (dockerd, virtlogd, libvirtd), .venv with the project,
@@ -26,6 +26,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     openssh-server openssh-client e2fsprogs iproute2 zstd
     passt nftables     # outbound network of VMs with allow_network (sandbox_kernels/vm/outbound.py)
+    runsc              # gVisor, the sandbox-gvisor kernel's OCI runtime (Debian's 2022-12-19 build)
 )
 if [ "$MODE" != demo ]; then
     APT_PACKAGES+=(
@@ -68,6 +69,12 @@ if [ "$have" != "$want" ] && ! { [ "$MODE" = demo ] && [ "${have%% *}" = "${want
     HATCH_JUPYTER_BUILDER_SKIP_NPM=1 .venv/bin/pip install -q -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 fi
+
+# gVisor: one Docker runtime per platform that works here (runsc-ptrace, runsc-kvm, ...), probed
+# once per runsc version and merged into /etc/docker/daemon.json; dockerd reloads it on SIGHUP
+# (no restart, so running kernels are not touched).
+log "registering gVisor's runtimes with the Docker engine"
+.venv/bin/python -m sandbox_kernels.runtimes.gvisor.engine_config || log "gVisor: no platform works here (sandbox-gvisor unavailable; see sandbox-kernels doctor gvisor)"
 
 log "installing kernelspecs into .venv"
 .venv/bin/sandbox-kernels install-kernelspecs --sys-prefix > /dev/null
