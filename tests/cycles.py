@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
 from pathlib import Path
 
-from lifecycle import run_cell, start
+from lifecycle import run_cell, start, wait_until
 
 
 def _listening_ports() -> set[str]:
@@ -50,15 +49,26 @@ async def _cycles(kernel: str, n: int, timeout: float) -> None:
 
 async def cycles_leave_nothing(kernel: str, n: int, timeout: float) -> None:
     """``n`` start/execute/stop cycles of ``kernel``; then no listening port, file descriptor,
-    tunnel thread or state directory beyond the baseline taken after one warm-up cycle."""
+    tunnel thread or per-kernel state directory beyond the baseline taken after one warm-up
+    cycle."""
     await _cycles(kernel, 1, timeout)  # warm imports and caches before the baseline
-    ports, fds, threads = _listening_ports(), _fds(), _sandbox_threads()
+    state_root = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"])
+    assert state_root.is_dir(), "a started kernel creates the state root: the check below needs it"
+    ports, fds, threads, states = _listening_ports(), _fds(), _sandbox_threads(), _entries(state_root)
     started = time.monotonic()
     await _cycles(kernel, n, timeout)
     print(f"{kernel}: {n} cycles in {time.monotonic() - started:.1f} s")
-    await asyncio.sleep(1)
+
+    async def settled() -> bool:  # tunnel threads and sockets close just after shutdown returns
+        return (_listening_ports() <= ports and _fds() <= fds + 5 and _sandbox_threads() == threads
+                and _entries(state_root) <= states)
+
+    await wait_until(settled, timeout=10)
     assert _listening_ports() <= ports, "listening ports left behind"
     assert _fds() <= fds + 5, f"file descriptors grew from {fds} to {_fds()}"
     assert _sandbox_threads() == threads
-    state = Path(os.environ["SANDBOX_KERNELS_STATE_DIR"])
-    assert not list(state.glob("*")) if state.exists() else True
+    assert _entries(state_root) <= states, f"state directories left: {_entries(state_root) - states}"
+
+
+def _entries(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()}
