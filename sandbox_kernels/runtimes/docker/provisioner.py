@@ -272,14 +272,14 @@ class DockerProvisioner(SandboxProvisioner):
         except Exception:
             self.log.warning("Docker engine unreachable: container %s may remain "
                              "(`sandbox-kernels reap` removes it later)", self.sandbox_name)
-            if self._state_dir is not None:
-                await to_thread(release_ipc, self._state_dir / IPC_DIR)
+            if self.has_state_dir:
+                await to_thread(release_ipc, self.state_dir / IPC_DIR)
             return
         for ref in filter(None, (self.container_id, self.sandbox_name)):
             await to_thread(engine.remove, ref)
         self.container_id = None
-        if self._state_dir is not None:  # what the sandbox wrote, before the base removes the rest
-            await to_thread(release_ipc, self._state_dir / IPC_DIR)
+        if self.has_state_dir:  # what the sandbox wrote, before the base removes the rest
+            await to_thread(release_ipc, self.state_dir / IPC_DIR)
         for snap in await self.snapshot_list():
             if not snap.keep:
                 await to_thread(engine.remove_image, self._snapshot_ref(snap.name))
@@ -362,8 +362,7 @@ class DockerProvisioner(SandboxProvisioner):
             await to_thread(engine.remove, self.container_id)
         self.container_id = None
         self._current_image = self._snapshot_ref(snapshot.name)
-        await self.start_kernel(self._last_cmd, self._sandbox_env)
-        await self.wait_ready()
+        await self.relaunch_kernel()
         return True
 
     async def snapshot_delete(self, snapshot: Snapshot) -> None:
