@@ -22,9 +22,9 @@ from .kernels import LOCAL_KERNEL, Kernel, Kernels
 from .report import table, write_json, write_plot
 from .results_model import Results
 
-KERNELS = {"local": LOCAL_KERNEL, "docker": "sandbox-docker", "ssh": "sandbox-ssh",
+KERNELS = {"local": LOCAL_KERNEL, "docker": "sandbox-docker", "gvisor": "sandbox-gvisor", "ssh": "sandbox-ssh",
            "vm": "sandbox-nixos-vm", "k8s": "sandbox-k8s"}
-DOCTOR_NAMES = {"docker": "docker", "vm": "libvirt", "k8s": "k8s"}
+DOCTOR_NAMES = {"docker": "docker", "gvisor": "gvisor", "vm": "libvirt", "k8s": "k8s"}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORK_DIR = Path("/tmp/sandbox-kernels-bench")
 MiB = 2**20
@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark the sandbox runtimes against a local ipykernel (see bench/README.md).")
     parser.add_argument("--quick", action="store_true",
                         help="few samples and smaller outputs (CI smoke run, ~5 min with a VM)")
-    parser.add_argument("--runtimes", default="docker,ssh,vm,k8s",
-                        help="comma-separated subset of docker,ssh,vm,k8s (the local kernel always runs)")
+    parser.add_argument("--runtimes", default="docker,gvisor,ssh,vm,k8s",
+                        help="comma-separated subset of docker,gvisor,ssh,vm,k8s (the local kernel always runs)")
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
                         help="execute round-trips per runtime (default 200, --quick 20; the VM gets N/4)")
     parser.add_argument("--starts", type=int, default=None, metavar="N",
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     wanted = [r.strip() for r in args.runtimes.split(",") if r.strip() and r.strip() != "local"]
     unknown = sorted(set(wanted) - set(KERNELS))
     if unknown:
-        parser.error(f"unknown runtime(s) {', '.join(unknown)}; use docker, ssh, vm, k8s")
+        parser.error(f"unknown runtime(s) {', '.join(unknown)}; use docker, gvisor, ssh, vm, k8s")
     args.runtimes = ["local"] + [r for r in KERNELS if r in wanted]
     return args
 
@@ -76,7 +76,7 @@ def make_plan(runtime: str, args: argparse.Namespace) -> Plan:
         plan.roundtrips = max(5, plan.roundtrips // 4)
     if args.starts is not None:
         plan.starts = max(1, args.starts)
-    if runtime not in ("vm", "docker"):
+    if runtime not in ("vm", "docker", "gvisor"):
         plan.snapshots = 0
     if runtime != "vm":
         plan.golden = 0
@@ -107,6 +107,7 @@ def unavailable(runtime: str) -> str | None:
 FOOTPRINTS: dict[str, Callable[[Kernel], probes.Footprint]] = {
     "local": lambda k: probes.local_footprint(k.km),
     "docker": lambda k: probes.docker_footprint(k.km.provisioner),
+    "gvisor": lambda k: probes.docker_footprint(k.km.provisioner),  # a Docker container under runsc
     "vm": lambda k: probes.vm_footprint(k.km.provisioner),
     "ssh": lambda k: probes.ssh_footprint(sshhost.USER),
 }
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["runtime_notes"]["ssh"] = f"real sshd on 127.0.0.1, user {sshhost.USER}, /usr/bin/python3"
     if "docker" in args.runtimes:
         meta["runtime_notes"]["docker"] = "ipc sockets, --network none, 1 CPU / 1g limits"
+    if "gvisor" in args.runtimes:
+        meta["runtime_notes"]["gvisor"] = "the Docker container under runsc (gVisor), platform 'auto'; same limits"
     say(f"benchmark ({meta['mode']}): {', '.join(args.runtimes)}; other sandboxes running: "
         f"{meta['host']['others_at_start']}; load {meta['host']['load_before']:.1f}")
     t0 = time.monotonic()
