@@ -81,3 +81,31 @@ def test_no_second_list_of_runtime_names(path: str) -> None:
     tree = ast.parse((REPO / path).read_text())
     literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)}
     assert not names & literals, f"{path} names runtimes {sorted(names & literals)}: iterate the records"
+
+
+def test_runtime_checks_read_their_settings_not_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sandbox_kernels.doctor import RuntimeReport
+
+    for variable in ("SANDBOX_K8S_KUBECONFIG", "SANDBOX_K8S_NAMESPACE", "SANDBOX_SSH_HOST"):
+        monkeypatch.setenv(variable, "from-the-environment")
+    missing = str(tmp_path / "no-kubeconfig")
+    report = RuntimeReport("k8s", "sandbox-k8s", ok=True)
+    registry.get("k8s").load("doctor")(report, SimpleNamespace(namespace="ns", kubeconfig=missing, context=""))
+    assert not report.ok and missing in " ".join(report.details), report.details
+    report = RuntimeReport("ssh", "sandbox-ssh", ok=True)
+    registry.get("ssh").load("doctor")(report, SimpleNamespace(host="kernels.example.org"))
+    assert "kernels.example.org" in " ".join(report.details)
+    assert "from-the-environment" not in " ".join(report.details)
+
+
+def test_reap_options_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox_kernels import reap
+
+    monkeypatch.setenv("SANDBOX_K8S_NAMESPACE", "from-the-environment")
+    by_type = {type(f).__name__: f for f in reap.finders(namespace="from-the-command-line")}
+    assert by_type["KubernetesOrphans"].settings.namespace == "from-the-command-line"
+    assert {type(f).__name__: f for f in reap.finders()}["KubernetesOrphans"].settings.namespace == \
+        "from-the-environment"
