@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = ["sandbox-docker", "sandbox-nixos-vm"]
+KERNELS = ["sandbox-docker", "sandbox-gvisor", "sandbox-nixos-vm"]
 
 
 def installed_kernels() -> set[str]:
