@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class OrphanFinder(ABC):
         Default: the state directories (``state_root``); extend it, calling ``super()``.
         """
         return [("state", Path(self.settings.state_root))]
+
+    def release_directory(self, path: Path) -> None:
+        """Undo what this runtime set up inside a kernel's directory ``path`` (Docker: its
+        ``ipc/`` tmpfs) before :func:`remove_directory` removes it. Default: nothing."""
 
     @abstractmethod
     def leaks(self, session: str) -> dict[str, list[str]]:
@@ -127,6 +132,13 @@ def reap(min_age: float = 600.0, config: Any = None, **overrides: Any) -> list[s
     return done
 
 
+def remove_directory(found: list[OrphanFinder], path: Path) -> None:
+    """Remove a kernel's directory that a dead process left, once every runtime released it."""
+    for finder in found:
+        finder.release_directory(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _unique(orphans: Iterable[Orphan]) -> list[Orphan]:
     """Drop repeats (two runtimes may share an engine, e.g. a Docker runtime variant)."""
     seen, unique = set(), []
@@ -148,8 +160,6 @@ def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: flo
     Those of ``orphaned`` kernels (whose sandbox was just reaped) go at once; others only
     once older than ``min_age``.
     """
-    from .runtimes.docker.dirs import remove_state_dir  # unmounts a Docker kernel's ipc/ too
-
     result = []
     for kind, root in _roots(found):  # orphans' files go once their domain or container is gone
         if not root.is_dir():
@@ -159,7 +169,7 @@ def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: flo
             # anything younger than min_age.
             old_enough = entry.name in orphaned or _age(entry) >= min_age
             if entry.is_dir() and entry.name not in live_kernels and old_enough:
-                result.append(Orphan(kind, str(entry), lambda p=entry: remove_state_dir(p)))
+                result.append(Orphan(kind, str(entry), lambda p=entry: remove_directory(found, p)))
     return result
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sandbox_kernels.reap import OrphanFinder, finders
-from sandbox_kernels.runtimes.docker.dirs import remove_state_dir
+from sandbox_kernels.reap import OrphanFinder, finders, remove_directory
 
 
 def _session() -> str:
@@ -43,7 +42,8 @@ def find_leaks() -> dict[str, list[str]]:
 def remove_leaks(leaks: dict[str, list[str]]) -> None:
     """Best-effort removal so one leak does not break later runs (the sandboxes first, then
     their state directories)."""
-    for finder in _finders():
+    found = _finders()
+    for finder in found:
         finder.remove_leaks(leaks)
     for path in leaks.get("state", []):
-        remove_state_dir(Path(path))  # a Docker kernel's ipc/ tmpfs too
+        remove_directory(found, Path(path))  # a Docker kernel's ipc/ tmpfs is unmounted first

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import labels
@@ -47,6 +48,13 @@ class DockerOrphans(OrphanFinder):
         except SandboxError:
             return set()
         return {(row.get("Labels") or {}).get(labels.KERNEL_ID, "") for row in rows}
+
+    def release_directory(self, path: Path) -> None:
+        """Unmount a Docker kernel's ``ipc/`` tmpfs (root servers) below ``path``."""
+        from .dirs import mounts_below
+
+        for point in mounts_below(path):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
 
     def leaks(self, session: str) -> dict[str, list[str]]:
         """The session's containers and snapshot images, and its kernels' ``ipc/`` mounts."""
