@@ -105,7 +105,7 @@ def find_orphans(min_age: float = 600.0, config: Any = None, **overrides: Any) -
     example the Kubernetes ``namespace`` and ``kubeconfig``; their defaults are the settings').
     """
     found = finders(config, **overrides)
-    orphans = _unique(orphan for finder in found for orphan in finder.orphans())
+    orphans = _unique(orphan for finder in found for orphan in _ask(finder, "orphans", []))
     orphans += _directories(found, _live_kernels(found) | _existing(found), min_age)
     return orphans
 
@@ -139,6 +139,16 @@ def remove_directory(found: list[OrphanFinder], path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _ask(finder: OrphanFinder, method: str, default: Any) -> Any:
+    """``finder.<method>()``, or ``default`` when the runtime's settings are invalid (one
+    runtime's bad environment variable must not stop the others' reaping)."""
+    try:
+        return getattr(finder, method)()
+    except SandboxError as e:
+        log.warning("reap: the %s finder: %s", type(finder).__name__, e)
+        return default
+
+
 def _unique(orphans: Iterable[Orphan]) -> list[Orphan]:
     """Drop repeats (two runtimes may share an engine, e.g. a Docker runtime variant)."""
     seen, unique = set(), []
@@ -150,7 +160,7 @@ def _unique(orphans: Iterable[Orphan]) -> list[Orphan]:
 
 
 def _roots(found: list[OrphanFinder]) -> list[tuple[str, Path]]:
-    return list(dict.fromkeys(root for finder in found for root in finder.directories()))
+    return list(dict.fromkeys(root for finder in found for root in _ask(finder, "directories", [])))
 
 
 def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: float,
@@ -176,7 +186,7 @@ def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: flo
 def _existing(found: list[OrphanFinder]) -> set[str]:
     ids: set[str] = set()
     for finder in found:
-        ids |= finder.existing()
+        ids |= _ask(finder, "existing", set())
     return ids
 
 

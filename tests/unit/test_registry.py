@@ -203,3 +203,15 @@ def test_importing_the_registry_and_the_cli_imports_no_runtime_dependency() -> N
             "print(sorted(m for m in ('docker', 'libvirt', 'kubernetes', 'paramiko') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_reap_goes_on_when_a_runtimes_settings_are_invalid(fakes: object, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    from sandbox_kernels.errors import SandboxConfigError
+
+    def broken(self: object) -> list[object]:
+        raise SandboxConfigError("environment variable FAKE_PLACE=... is not valid")
+
+    (tmp_path / "state" / "k-gone").mkdir(parents=True)
+    monkeypatch.setattr(fakes.FakeOrphans, "orphans", broken)  # type: ignore[attr-defined]
+    assert reap.reap(min_age=0) == [f"removed state {tmp_path / 'state' / 'k-gone'}"]
