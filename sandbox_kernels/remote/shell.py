@@ -5,7 +5,7 @@ A :class:`Shell` is one sandbox's command channel: over the SSH tunnel
 (:class:`sandbox_kernels.runtimes.k8s.process.PodProcess`). A :class:`Forwarder` carries the
 client's local sockets to ports in the sandbox: SSH channels
 (:class:`sandbox_kernels.remote.ssh.SSHForwarder`) or the Kubernetes port-forward
-(:class:`sandbox_kernels.runtimes.k8s.forward.PodForwarder`).
+(:class:`sandbox_kernels.runtimes.k8s.forward.PortForwarder`).
 
 Every method blocks; async callers use ``to_thread``. Both protocols are structural
 (``typing.Protocol``): the unit tests' fakes implement them without inheriting.
