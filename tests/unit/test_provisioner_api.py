@@ -146,3 +146,26 @@ def test_exit_cleanup_removes_what_the_owner_left(world: FakeWorld, tmp_path: Pa
     assert started.startswith("started sandbox-kernels-")
     assert calls.split("|")[-1] == "destroy_sandbox", out.stdout
     assert not any(state.iterdir()), "the kernel's state directory must be removed at exit"
+
+
+async def test_shielded_cleanup_finishes_before_the_cancellation_is_raised() -> None:
+    from sandbox_kernels.provisioning.exit_cleanup import shielded
+
+    steps: list[str] = []
+    release = asyncio.Event()
+
+    async def cleanup() -> None:
+        steps.append("begun")
+        await release.wait()
+        steps.append("done")
+
+    waiter = asyncio.ensure_future(shielded(cleanup()))
+    while not steps:
+        await asyncio.sleep(0)
+    waiter.cancel()  # Ctrl-C while the clean-up runs
+    await asyncio.sleep(0)
+    assert not waiter.done(), "the cancellation waits for the clean-up"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert steps == ["begun", "done"]
