@@ -10,7 +10,7 @@ import sys
 import textwrap
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from traitlets.config import Config
@@ -215,3 +215,19 @@ def test_reap_goes_on_when_a_runtimes_settings_are_invalid(fakes: object, monkey
     (tmp_path / "state" / "k-gone").mkdir(parents=True)
     monkeypatch.setattr(fakes.FakeOrphans, "orphans", broken)  # type: ignore[attr-defined]
     assert reap.reap(min_age=0) == [f"removed state {tmp_path / 'state' / 'k-gone'}"]
+
+
+@pytest.fixture
+def jp_server_config() -> dict[str, object]:
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_server_ext": True}},
+            "SandboxKernelsExtension": {"reap_on_start": False},
+            "FakeProvisioner": {"place": "from-the-admin"}}
+
+
+async def test_the_runtimes_endpoint_reports_every_record_with_the_servers_config(
+        fakes: object, jp_fetch: Any) -> None:
+    response = await jp_fetch("sandbox-kernels", "api", "runtimes")
+    reports = {r["runtime"]: r for r in json.loads(response.body)}
+    assert sorted(reports) == ["fake", "needy"]
+    assert reports["fake"]["details"] == ["place from-the-admin"]
+    assert not reports["needy"]["ok"]
