@@ -1,1 +1,2 @@
-"""Sandbox runtimes, one module each, imported lazily by name (see :mod:`.registry`)."""
+"""Sandbox runtimes, one folder each (provisioner, record, doctor, orphans, ...), found through
+their records in :mod:`.registry` and imported lazily."""
