@@ -139,3 +139,69 @@ def test_the_platform_survives_a_reattach() -> None:
     again.load_runtime_state(prov.runtime_state())
     assert again.container_runtime() == "runsc-ptrace"
     assert GVisorProvisioner().snapshot_capabilities().kinds == ["filesystem"]
+
+
+class _FakeClient:
+    def __init__(self, runtimes: dict[str, Any], experimental: bool = False) -> None:
+        self._info = {"Runtimes": runtimes, "ExperimentalBuild": experimental}
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+
+class _FakeEngine:
+    """The DockerEngine methods the gVisor doctor uses; ``release`` is what ``uname -r`` prints."""
+
+    created: list[dict[str, Any]] = []
+    removed: list[str] = []
+
+    def __init__(self, runtimes: dict[str, Any], release: str) -> None:
+        self.client = _FakeClient(runtimes)
+        self.release = release
+
+    def create(self, **spec: Any) -> str:
+        self.created.append(spec)
+        return "cid"
+
+    def start(self, cid: str) -> None:
+        pass
+
+    def wait_stopped(self, cid: str, timeout: float) -> None:
+        pass
+
+    def state(self, cid: str) -> dict[str, Any]:
+        return {"ExitCode": 0}
+
+    def logs(self, cid: str, tail: int = 30) -> str:
+        return self.release + "\n"
+
+    def remove(self, ref: str) -> None:
+        self.removed.append(ref)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("runtimes, release, ok, says", [
+    ({"runc": {}}, "4.4.0", False, "not registered"),
+    ({"runc": {}, "runsc-ptrace": {}}, "4.4.0", True, "runsc works here: a container on runsc-ptrace"),
+    ({"runc": {}, "runsc-ptrace": {}}, "6.1.0-13-amd64", False, "did not run under gVisor"),
+])
+def test_doctor(monkeypatch: pytest.MonkeyPatch, runtimes: dict[str, Any], release: str, ok: bool,
+                says: str) -> None:
+    from sandbox_kernels.doctor import RuntimeReport
+    from sandbox_kernels.runtimes.gvisor import doctor
+
+    engine = _FakeEngine(runtimes, release)
+    _FakeEngine.created, _FakeEngine.removed = [], []
+    monkeypatch.setattr(doctor, "docker_check", lambda report, settings: None)
+    monkeypatch.setattr(doctor, "DockerEngine", lambda timeout: engine)
+    report = RuntimeReport("gvisor", "sandbox-gvisor", ok=True)
+    doctor.check(report, GVisorProvisioner(platform="ptrace"))
+    assert report.ok is ok, report
+    assert any(says in d for d in report.details), report.details
+    if _FakeEngine.created:  # the probe container: gVisor's runtime, no network, removed again
+        spec = _FakeEngine.created[0]
+        assert spec["runtime"] == "runsc-ptrace" and spec["network_mode"] == "none"
+        assert _FakeEngine.removed == ["cid"]
+        assert any(d.startswith("memory snapshots: unavailable") for d in report.details)
