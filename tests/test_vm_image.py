@@ -65,11 +65,22 @@ def image() -> str:
     return build_vm_image()
 
 
-def test_build_is_cached_and_linked(image: str) -> None:
+def test_build_is_cached_and_linked(image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second build reuses the cached image: no build step runs, no file is rewritten."""
+    from sandbox_kernels.runtimes.vm import image as vm_image
+
+    def no_build(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cached image was rebuilt")
+
+    monkeypatch.setattr(vm_image, "require_root", no_build)
+    monkeypatch.setattr(vm_image, "run_step", no_build)
+    files = [Path(image), *boot_files(image)]
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
     start = time.monotonic()
     again = build_vm_image()
     took = time.monotonic() - start
     assert again == image
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == before, "cached files were rewritten"
     assert default_image().resolve() == Path(image).resolve()
     kernel, initrd = boot_files(image)
     assert kernel.is_file() and initrd.is_file()
