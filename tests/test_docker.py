@@ -114,7 +114,7 @@ async def test_engine_restart_is_survived() -> None:
 
     from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 
-    from lifecycle import wait_until
+    from helpers.kernels import wait_until
 
     km, kc = await start("sandbox-docker", timeout=60)
     restarts: list[str] = []

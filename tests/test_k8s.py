@@ -163,7 +163,7 @@ def test_killed_owner_pod_is_reaped(k8s_cluster: str) -> None:
 @pytest.mark.slow
 async def test_start_stop_cycles_leave_nothing(k8s_cluster: str) -> None:
     """Load: repeated start/stop of kernel pods (``make soak``: 50); then no pod remains."""
-    from cycles import cycles_leave_nothing
+    from helpers.cycles import cycles_leave_nothing
 
     await cycles_leave_nothing("sandbox-k8s", int(os.environ.get("SANDBOX_KERNELS_SOAK_K8S_CYCLES", 5)), 120)
     assert not _pods()

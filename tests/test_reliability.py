@@ -34,7 +34,7 @@ def test_killed_owner_is_reaped(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_reap_leaves_live_kernels_alone(jp_asyncio_loop: object) -> None:
-    from lifecycle import start
+    from helpers.kernels import start
 
     km, kc = jp_asyncio_loop.run_until_complete(start("sandbox-docker", timeout=60))  # type: ignore[attr-defined]
     try:
@@ -67,7 +67,7 @@ def test_env_values_are_data_not_shell(kernelspec_dir: object, jp_asyncio_loop: 
 
     from jupyter_client.kernelspec import KernelSpecManager
 
-    from lifecycle import run_cell, start
+    from helpers.kernels import run_cell, start
 
     kdir = kernelspec_dir("sandbox-docker", name="envy")  # type: ignore[operator]
     spec_path = Path(kdir) / "envy" / "kernel.json"
@@ -97,7 +97,7 @@ def test_hmac_key_differs_per_kernel_and_is_not_logged(jp_asyncio_loop: object) 
     import io
     import logging
 
-    from lifecycle import start
+    from helpers.kernels import start
 
     text = io.StringIO()
     handler = logging.StreamHandler(text)
@@ -126,7 +126,7 @@ def test_fork_bomb_and_memory_hog_are_contained(kernelspec_dir: object, jp_async
     """pids and memory limits hold: a fork loop hits the pids limit, a hog is OOM-killed and detected."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    from lifecycle import run_cell, start, wait_until
+    from helpers.kernels import run_cell, start, wait_until
 
     kdir = kernelspec_dir("sandbox-docker", name="small", memory="256m", pids_limit=64)  # type: ignore[operator]
     ksm = KernelSpecManager(kernel_dirs=[str(kdir)])

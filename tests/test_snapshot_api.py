@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from helpers.kernels import run_cell
 from helpers.orphans import docker_containers, start_orphan
-from helpers.server_api import extension_config, api, api_status, start_server_kernel
-from lifecycle import run_cell
+from helpers.server_api import api, api_status, extension_config, start_server_kernel
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -139,7 +139,7 @@ async def test_runtimes_report(jp_fetch: Any) -> None:
 @pytest.mark.docker
 def test_cli_snapshot_on_a_papermill_style_kernel(jp_asyncio_loop: Any) -> None:
     """The CLI reaches a kernel owned by a process without a server, via its control socket."""
-    from lifecycle import start
+    from helpers.kernels import start
 
     km, kc = jp_asyncio_loop.run_until_complete(start("sandbox-docker", timeout=60))
     cli = [str(VENV_BIN / "sandbox-kernels"), "snapshot"]

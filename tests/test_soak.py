@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from cycles import cycles_leave_nothing
-from lifecycle import run_cell, start
+from helpers.cycles import cycles_leave_nothing
+from helpers.kernels import run_cell, start
 
 pytestmark = pytest.mark.slow
 

@@ -97,6 +97,6 @@ async def test_a_reattached_server_cleans_up_the_kernel_directory(ssh_host: dict
 @pytest.mark.slow
 async def test_start_stop_cycles_leave_nothing(ssh_host: dict[str, str]) -> None:
     """Load: repeated start/stop on the SSH host (``make soak``: 50) leaves nothing behind."""
-    from cycles import cycles_leave_nothing
+    from helpers.cycles import cycles_leave_nothing
 
     await cycles_leave_nothing("sandbox-ssh", int(os.environ.get("SANDBOX_KERNELS_SOAK_SSH_CYCLES", 20)), 60)
