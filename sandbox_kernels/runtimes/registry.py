@@ -17,6 +17,7 @@ provisioner), a kernelspec and two entry points: its provisioner's in
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -30,40 +31,89 @@ log = logging.getLogger(__name__)
 #: The entry-point group whose values are runtime records.
 ENTRY_POINT_GROUP = "sandbox_kernels.runtimes"
 
+#: The parts given as ``"module:attribute"`` (relative ones are resolved against the package).
+_PARTS = ("provisioner", "doctor", "orphans", "image", "commands")
+
 
 @dataclass(frozen=True)
 class RuntimeRecord:
     """What a runtime is and where its parts live; every part is a lazy ``"module:attribute"``.
 
+    A record states only what is its own: a part may be given relative to ``package`` (the
+    record's own package, ``__package__`` in its ``record.py``) as ``".module:attribute"``, and
+    is stored resolved (``"sandbox_kernels.runtimes.docker.provisioner:DockerProvisioner"``).
+    Resolving imports nothing.
+
     Attributes:
-        name: short name in labels, state directories, ``doctor`` and ``reap`` ("docker").
-        kernel_name: the kernelspec it ships (``kernelspecs/<kernel_name>/kernel.json``).
-        display_name: what JupyterLab shows for that kernelspec.
-        provisioner: the provisioner class; its config traits are the runtime's settings.
-        extra: the pip extra that brings its Python dependencies (``sandbox-kernels[extra]``).
-        doctor: ``check(report, settings)``: fills a :class:`~sandbox_kernels.doctor.RuntimeReport`.
+        name: short name in labels, state directories, ``doctor`` and ``reap`` ("docker");
+            default the last part of ``package`` (the runtime's folder: ``runtimes/docker``).
+        kernel_name: the kernelspec it ships (``kernelspecs/<kernel_name>/kernel.json``);
+            default ``sandbox-<name>``.
+        display_name: what JupyterLab shows for that kernelspec (required).
+        provisioner: the provisioner class; its config traits are the runtime's settings (required).
+        extra: the pip extra that brings its Python dependencies (``sandbox-kernels[extra]``);
+            default ``name``.
+        doctor: ``check(report, settings)``: fills a :class:`~sandbox_kernels.doctor.RuntimeReport`;
+            default ``check`` in the package's ``doctor`` module.
         orphans: a :class:`~sandbox_kernels.reap.OrphanFinder` subclass, built with the settings:
-            its orphans for ``reap`` and its leak check for the test session.
+            its orphans for ``reap`` and its leak check for the test session (required).
         alias: the name users type in ``kernelspec create --runtime`` and ``image build``
             (default: ``name``; the libvirt runtime's is ``vm``).
         image: ``build(force) -> str`` for ``sandbox-kernels image build <alias>``, or "".
         commands: ``add_parser(subparsers)`` adding the runtime's own sub-commands, or "".
         options: ``kernelspec create`` option -> the setting it sets (``{"memory": "memory_mb"}``).
         reap_options: settings ``reap`` offers as ``--<setting>`` options, with their help.
+        package: what the relative parts are relative to ("" when every part is absolute).
+
+    Raises:
+        ValueError: no name (nor package), a required part is missing, or a relative part
+            has no ``package``.
     """
 
-    name: str
-    kernel_name: str
-    display_name: str
-    provisioner: str
-    extra: str
-    doctor: str
-    orphans: str
+    name: str = ""
+    kernel_name: str = ""
+    display_name: str = ""
+    provisioner: str = ""
+    extra: str = ""
+    doctor: str = ".doctor:check"
+    orphans: str = ""
     alias: str = ""
     image: str = ""
     commands: str = ""
     options: dict[str, str] = field(default_factory=dict, hash=False)
     reap_options: dict[str, str] = field(default_factory=dict, hash=False)
+    package: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.package.rpartition(".")[2])
+        missing = [part for part in ("name", "display_name", "provisioner", "orphans") if not getattr(self, part)]
+        if missing:
+            raise ValueError(f"the {self.name} runtime's record has no {', '.join(missing)}")
+        derived = {"kernel_name": self.kernel_name or f"sandbox-{self.name}", "extra": self.extra or self.name}
+        for part in _PARTS:
+            derived[part] = self._resolved(getattr(self, part))
+        for part, value in derived.items():
+            object.__setattr__(self, part, value)  # frozen: set once, here
+
+    def _resolved(self, target: str) -> str:
+        if not target.startswith("."):
+            return target
+        if not self.package:
+            raise ValueError(f"the {self.name} runtime's part {target!r} is relative: give the record a package")
+        module, _, attribute = target.partition(":")
+        return f"{importlib.util.resolve_name(module, self.package)}:{attribute}"
+
+    def variant(self, **changes: Any) -> RuntimeRecord:
+        """A record for a runtime built on this one (gVisor on Docker): it keeps this record's
+        pip extra, orphan finder, kernelspec options and reap options unless ``changes`` give
+        them; everything else is the new runtime's own (given in ``changes``, or derived).
+
+        Raises:
+            ValueError: as the constructor.
+        """
+        kept = {part: getattr(self, part) for part in ("extra", "orphans", "options", "reap_options")}
+        return RuntimeRecord(**{**kept, **changes})
 
     @property
     def user_name(self) -> str:

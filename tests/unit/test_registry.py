@@ -123,6 +123,32 @@ def test_register_refuses_a_second_record_of_a_name(fakes: object) -> None:
     assert registry.get("fake") is other
 
 
+def test_a_record_states_only_what_is_its_own() -> None:
+    record = registry.RuntimeRecord(package="plugins.toy", display_name="Python (Toy)",
+                                    provisioner=".provisioner:ToyProvisioner", orphans=".orphans:ToyOrphans",
+                                    image="shared.images:build", commands=".cli:add_parser")
+    assert (record.name, record.kernel_name, record.extra) == ("toy", "sandbox-toy", "toy")
+    assert record.provisioner == "plugins.toy.provisioner:ToyProvisioner"
+    assert record.doctor == "plugins.toy.doctor:check"
+    assert record.orphans == "plugins.toy.orphans:ToyOrphans"
+    assert (record.image, record.commands) == ("shared.images:build", "plugins.toy.cli:add_parser")
+    variant = record.variant(package="plugins.toy_jail", display_name="Python (Jailed toy)",
+                             provisioner=".provisioner:JailProvisioner", options={"memory": "memory"})
+    assert (variant.name, variant.kernel_name, variant.extra) == ("toy_jail", "sandbox-toy_jail", "toy")
+    assert variant.orphans == record.orphans  # kept: the same sandboxes to find
+    assert (variant.doctor, variant.image) == ("plugins.toy_jail.doctor:check", "")  # its own
+    assert variant.options == {"memory": "memory"}
+
+
+def test_a_record_refuses_missing_parts_and_relative_parts_without_a_package() -> None:
+    with pytest.raises(ValueError, match="has no display_name, orphans"):
+        registry.RuntimeRecord("toy", provisioner="m:C")
+    with pytest.raises(ValueError, match="relative: give the record a package"):
+        registry.RuntimeRecord("toy", display_name="T", provisioner="m:C", orphans="m:O")  # doctor's default
+    with pytest.raises(ValueError, match="has no name"):
+        registry.RuntimeRecord(display_name="T", provisioner="m:C", doctor="m:f", orphans="m:O")
+
+
 def test_a_missing_dependency_names_the_pip_extra(fakes: object) -> None:
     with pytest.raises(SandboxUnavailable, match=r"absent_dependency_of_a_runtime.*sandbox-kernels\[needy\]"):
         registry.get("needy").load("provisioner")

@@ -3,13 +3,10 @@
 from ..registry import RuntimeRecord
 
 RECORD = RuntimeRecord(
-    name="docker",
-    kernel_name="sandbox-docker",
+    package=__package__,
     display_name="Python (Docker)",
-    provisioner="sandbox_kernels.runtimes.docker.provisioner:DockerProvisioner",
-    extra="docker",
-    doctor="sandbox_kernels.runtimes.docker.doctor:check",
-    orphans="sandbox_kernels.runtimes.docker.orphans:DockerOrphans",
-    image="sandbox_kernels.runtimes.docker.image:build_docker_image",
+    provisioner=".provisioner:DockerProvisioner",
+    orphans=".orphans:DockerOrphans",
+    image=".image:build_docker_image",
     options={"memory": "memory", "cpus": "cpus", "image": "image"},
 )

@@ -3,13 +3,11 @@
 from ..registry import RuntimeRecord
 
 RECORD = RuntimeRecord(
-    name="k8s",
-    kernel_name="sandbox-k8s",
+    package=__package__,
     display_name="Python (Kubernetes)",
-    provisioner="sandbox_kernels.runtimes.k8s.provisioner:KubernetesProvisioner",
+    provisioner=".provisioner:KubernetesProvisioner",
     extra="kubernetes",
-    doctor="sandbox_kernels.runtimes.k8s.doctor:check",
-    orphans="sandbox_kernels.runtimes.k8s.orphans:KubernetesOrphans",
+    orphans=".orphans:KubernetesOrphans",
     options={"memory": "resources", "cpus": "resources", "image": "image"},
     reap_options={
         "namespace": "Kubernetes namespace of kernel pods (default: the setting, i.e. "

@@ -3,12 +3,9 @@
 from ..registry import RuntimeRecord
 
 RECORD = RuntimeRecord(
-    name="ssh",
-    kernel_name="sandbox-ssh",
+    package=__package__,
     display_name="Python (SSH host)",
-    provisioner="sandbox_kernels.runtimes.ssh.provisioner:SSHHostProvisioner",
-    extra="ssh",
-    doctor="sandbox_kernels.runtimes.ssh.doctor:check",
-    orphans="sandbox_kernels.runtimes.ssh.orphans:SSHOrphans",
+    provisioner=".provisioner:SSHHostProvisioner",
+    orphans=".orphans:SSHOrphans",
     options={"host": "host"},
 )
