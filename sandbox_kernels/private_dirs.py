@@ -1,9 +1,10 @@
-"""Directories of the server's own that no other local user can change.
+"""Directories and files of the server's own that no other local user can change or read.
 
 The per-kernel state (sockets, keys, the control socket) and the VM slot locks live below a
 directory that must be this user's alone, on a path no other user can rename or replace: a
 directory pre-created by someone else in /tmp (or below a parent they can write) would let
-them swap, read or block what the host puts there.
+them swap, read or block what the host puts there. Private files (SSH keys, a VM's seed disk)
+are created 0600 from the start and never written through a symbolic link.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import SandboxUnavailable
+from .errors import SandboxConfigError, SandboxUnavailable
 
 
 def open_private_dir(directory: Path, what: str, fix: str) -> int:
@@ -61,3 +62,40 @@ def open_private_dir(directory: Path, what: str, fix: str) -> int:
                 f"{what} {directory} is below {parent} (uid {pst.st_uid}, mode "
                 f"{stat.S_IMODE(pst.st_mode):o}), which another user can change. {fix}")
     return fd
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes, what: str) -> Path:
+    """Write ``data`` to ``path``, created with mode 0600 and never readable by others.
+
+    An existing file is truncated and reset to 0600 before any byte is written. Symbolic links
+    are refused.
+
+    Args:
+        path: the file to write.
+        data: its new content.
+        what: what it is, for messages ("key file").
+
+    Returns:
+        The path.
+
+    Raises:
+        SandboxConfigError: the file cannot be written (the message names it).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise SandboxConfigError(f"cannot write {what} {os.fspath(path)}: {e}") from e
+    try:
+        os.fchmod(fd, 0o600)
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+    return Path(path)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the open file ``fd`` (one ``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

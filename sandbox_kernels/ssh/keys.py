@@ -20,6 +20,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .. import private_dirs
 from ..errors import SandboxConfigError
 
 _SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -165,19 +166,7 @@ def write_private_file(path: str | os.PathLike[str], data: bytes) -> Path:
     Raises:
         SandboxConfigError: the file cannot be written (the message names it).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise SandboxConfigError(f"cannot write key file {os.fspath(path)}: {e}") from e
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    return Path(path)
+    return private_dirs.write_private_file(path, data, "key file")
 
 
 def write_private_key(path: str | os.PathLike[str], keypair: KeyPair) -> Path:

@@ -1,4 +1,5 @@
-"""Directories of the server's own: what another local user could have planted is refused."""
+"""Directories and files of the server's own: what another local user could have planted is
+refused, and private files are 0600 from their first byte."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernels.errors import SandboxUnavailable
-from sandbox_kernels.private_dirs import open_private_dir
+from sandbox_kernels import private_dirs
+from sandbox_kernels.errors import SandboxConfigError, SandboxUnavailable
+from sandbox_kernels.private_dirs import open_private_dir, write_private_file
 
 NOBODY = 65534
 
@@ -58,3 +60,23 @@ def test_a_parent_others_can_write_is_refused(tmp_path: Path) -> None:
 
 def test_below_the_sticky_tmp(tmp_path: Path) -> None:
     assert _open(tmp_path / "under-tmp") == 0o700  # /tmp is root's and sticky
+
+
+def test_a_private_file_is_0600_replaces_an_open_file_and_refuses_a_link(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"an older, longer content")
+    path.chmod(0o644)
+    assert write_private_file(path, b"secret", "key file") == path
+    assert (path.read_bytes(), path.stat().st_mode & 0o777) == (b"secret", 0o600)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SandboxConfigError, match=f"cannot write the seed disk {link}"):
+        write_private_file(link, b"secret", "the seed disk")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_every_byte_is_written_when_a_write_is_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    monkeypatch.setattr(private_dirs.os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
+    path = write_private_file(tmp_path / "seed.img", b"0123456789", "the seed disk")
+    assert path.read_bytes() == b"0123456789"

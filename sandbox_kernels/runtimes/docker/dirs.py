@@ -35,6 +35,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ...private_dirs import write_all
+
 IPC_DIR = "ipc"
 CONF_DIR = "conf"
 CONNECTION_FILE = "connection.json"
@@ -149,9 +151,7 @@ class KernelDirs:
                 if self.sandbox_ids is not None:
                     os.fchown(fd, -1, self.sandbox_ids[1])
                     os.fchmod(fd, 0o640)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, CONNECTION_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path
 
 from ...errors import SandboxConfigError
+from ...private_dirs import write_private_file
 
 SECTOR = 512
 #: Every seed disk has this size: a VM restored from a golden snapshot keeps the disk size the
@@ -129,19 +130,7 @@ def write_seed_disk(
     """
     data = build_seed(host_key_openssh, authorized_keys, hostname, allow_network, random_seed,
                       workspace)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise SandboxConfigError(f"cannot write the seed disk {os.fspath(path)}: {e}") from e
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    return Path(path)
+    return write_private_file(path, data, "the seed disk")
 
 
 def refresh_random_seed(path: str | os.PathLike[str], random_seed: bytes) -> None:
