@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from traitlets import Enum
@@ -55,16 +55,11 @@ def listen_local(port: int) -> socket.socket:
     Raises:
         SandboxConnectionError: the port cannot be bound.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
+    def bind(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise SandboxConnectionError(f"cannot listen on 127.0.0.1:{port}: {e}") from e
-    return sock
+
+    return _listening(socket.AF_INET, bind, f"127.0.0.1:{port}")
 
 
 @contextlib.contextmanager
@@ -126,17 +121,31 @@ def _listen_at(dir_fd: int, name: str) -> socket.socket:
     Raises:
         SandboxConnectionError: it cannot be bound.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    def bind(sock: socket.socket) -> None:
         os.fchmod(sock.fileno(), 0o600)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
         sock.bind(f"/proc/self/fd/{dir_fd}/{name}")
+
+    return _listening(socket.AF_UNIX, bind, f"unix socket {name}")
+
+
+def _listening(family: socket.AddressFamily, bind: Callable[[socket.socket], None],
+               where: str) -> socket.socket:
+    """A new stream socket of ``family``, bound by ``bind``, listening and non-blocking; on a
+    failure it is closed.
+
+    Raises:
+        SandboxConnectionError: it cannot be bound (the message names ``where``).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        bind(sock)
         sock.listen(128)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        raise SandboxConnectionError(f"cannot listen on unix socket {name}: {e}") from e
+        raise SandboxConnectionError(f"cannot listen on {where}: {e}") from e
     return sock
 
 
