@@ -9,9 +9,11 @@ does not report the kernel dead and the restarter leaves it alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import inspect
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SandboxConfigError, SandboxNotFound, SandboxQuotaExceeded
@@ -77,9 +79,7 @@ class SnapshotService:
         Raises:
             SandboxNotFound: no such snapshot.
         """
-        check_name(name, "snapshot name")
-        async with self._lock:
-            snap = await self._find(name)
+        async with self._held(name) as snap:
             started = time.monotonic()
             async with self.provisioner.busy():
                 restarted = await self.provisioner.snapshot_rollback(snap)
@@ -131,10 +131,21 @@ class SnapshotService:
         Raises:
             SandboxNotFound: no such snapshot.
         """
+        async with self._held(name) as snap:
+            await self.provisioner.snapshot_delete(snap)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, name: str) -> AsyncIterator[Snapshot]:
+        """Snapshot ``name``, found with this kernel's snapshot lock taken; the lock is held
+        until the block ends.
+
+        Raises:
+            SandboxConfigError: a bad name (before the lock is taken).
+            SandboxNotFound: no such snapshot.
+        """
         check_name(name, "snapshot name")
         async with self._lock:
-            snap = await self._find(name)
-            await self.provisioner.snapshot_delete(snap)
+            yield await self._find(name)
 
     async def _find(self, name: str) -> Snapshot:
         for snap in await self.provisioner.snapshot_list():

@@ -1,5 +1,5 @@
-"""The snapshot quota in the service, with a fake runtime (seconds; the Docker engine proof is in
-tests/hostile/test_docker.py)."""
+"""The snapshot quota in the service, and its operations on a named snapshot, with a fake runtime
+(seconds; the Docker engine proof is in tests/hostile/test_docker.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from sandbox_kernels.errors import SandboxConfigError, SandboxQuotaExceeded
+from sandbox_kernels.errors import SandboxConfigError, SandboxNotFound, SandboxQuotaExceeded
 from sandbox_kernels.snapshots.model import Capabilities, Snapshot
 from sandbox_kernels.snapshots.service import SnapshotService
 
@@ -40,6 +40,10 @@ class FakeRuntime:
 
     async def snapshot_delete(self, snapshot: Snapshot) -> None:
         self.snaps.remove(snapshot)
+
+    async def snapshot_rollback(self, snapshot: Snapshot) -> bool:
+        self.rolled_back = snapshot.name
+        return False  # the kernel lived on: nothing to settle
 
 
 async def test_count_includes_kept_snapshots() -> None:
@@ -93,3 +97,18 @@ def test_settings_from_the_environment_and_their_bounds(monkeypatch: pytest.Monk
     monkeypatch.setenv("SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT", "many")
     with pytest.raises(SandboxConfigError, match="SANDBOX_KERNELS_SNAPSHOT_MAX_COUNT"):
         _ = DockerProvisioner().snapshot_max_count
+
+
+async def test_rollback_and_delete_check_the_name_then_find_the_snapshot() -> None:
+    fake: Any = FakeRuntime(max_count=10, max_bytes=1 << 30, size=10)
+    service = SnapshotService(fake)
+    await service.create("a")
+    result = await service.rollback("a")
+    assert (result.name, result.kind, result.kernel_restarted, fake.rolled_back) == ("a", "filesystem", False, "a")
+    for operation in (service.rollback, service.delete):
+        with pytest.raises(SandboxNotFound, match="kernel k1 has no snapshot named 'b'"):
+            await operation("b")
+        with pytest.raises(SandboxConfigError, match="snapshot name"):
+            await operation("../a")
+    await service.delete("a")
+    assert fake.snaps == []
