@@ -45,6 +45,11 @@ def test_allow_network_adds_only_the_outbound_nic() -> None:
     ({"extra_cmdline": ("quiet\n",)}, "command line"),
     ({"kernel_id": "x\n"}, "kernel id"),
     ({"memory_mib": 1 << 30}, "memory"),
+    ({"memory_mib": 64}, "memory_mb=64 is out of range: use 128 to 262144"),
+    ({"vcpus": 0}, "vcpus=0 is out of range: use 1 to 64"),
+    ({"vcpus": 65}, "vcpus=65 is out of range"),
+    ({"vcpus": True}, "vcpus=True is out of range"),
+    ({"vcpus": 2.0}, "vcpus=2.0 is out of range"),
 ])
 def test_hostile_values_are_refused(change: dict, word: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(SandboxConfigError, match=word):

@@ -63,10 +63,7 @@ def check_memory_mib(value: int) -> int:
     Raises:
         SandboxConfigError: out of range.
     """
-    low, high = MEMORY_MIB_RANGE
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise SandboxConfigError(f"memory_mb={value!r} is out of range: use {low} to {high}.")
-    return int(value)
+    return _within("memory_mb", value, MEMORY_MIB_RANGE)
 
 
 def check_vcpus(value: int) -> int:
@@ -75,9 +72,18 @@ def check_vcpus(value: int) -> int:
     Raises:
         SandboxConfigError: out of range.
     """
-    low, high = VCPUS_RANGE
+    return _within("vcpus", value, VCPUS_RANGE)
+
+
+def _within(setting: str, value: int, bounds: tuple[int, int]) -> int:
+    """``value`` if it is an int (not a bool) within ``bounds`` (inclusive).
+
+    Raises:
+        SandboxConfigError: it is not; the message names ``setting`` and the bounds.
+    """
+    low, high = bounds
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise SandboxConfigError(f"vcpus={value!r} is out of range: use {low} to {high}.")
+        raise SandboxConfigError(f"{setting}={value!r} is out of range: use {low} to {high}.")
     return int(value)
 
 
