@@ -103,3 +103,19 @@ def test_refreshing_the_seed_keeps_everything_but_the_random_bytes(tmp_path) -> 
     after = read_seed(path)
     assert after.pop("random_seed") == b"\2" * 32 and before.pop("random_seed") == b"\1" * 32
     assert after == before and path.stat().st_ino == inode  # QEMU keeps the same file open
+
+
+def test_a_bad_seed_value_leaves_the_seed_disk_untouched(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sandbox_kernels.ssh.keys import generate_keypair
+    from sandbox_kernels.runtimes.vm.seed import write_seed_disk
+
+    host = generate_keypair("host")
+    path = write_seed_disk(tmp_path / "seed.img", host.private_openssh, "ssh-ed25519 AAAA test\n", "sandbox-1")
+    disk = path.read_bytes()
+    assert len(disk) == 64 * 1024 and path.stat().st_mode & 0o777 == 0o600
+    for bad in ({"random_seed": b"short"}, {"hostname": "-bad"}, {"authorized_keys": "k" * 70000}):
+        args = {"host_key_openssh": host.private_openssh, "authorized_keys": "ssh-ed25519 AAAA test\n",
+                "hostname": "sandbox-1", **bad}
+        with pytest.raises(SandboxConfigError):
+            write_seed_disk(path, **args)
+        assert path.read_bytes() == disk  # checked before the file is opened (and truncated)

@@ -54,19 +54,34 @@ def check_hostname(hostname: str) -> str:
     return hostname
 
 
-def build_seed(
+def write_seed_disk(
+    path: str | os.PathLike[str],
     host_key_openssh: str,
     authorized_keys: str,
     hostname: str,
     allow_network: bool = False,
     random_seed: bytes = b"",
     workspace: bool = False,
-) -> bytes:
-    """The seed archive as bytes, padded to ``SEED_SIZE``.
+) -> Path:
+    """Write the seed disk image to ``path`` (mode 0600, ``SEED_SIZE`` bytes). Every value is
+    checked before the file is opened.
+
+    Args:
+        path: the raw disk file to create or replace; symbolic links are refused.
+        host_key_openssh: the guest's private host key, OpenSSH format.
+        authorized_keys: the client public key line(s).
+        hostname: the guest host name (one DNS label).
+        allow_network: let the guest open outbound connections (default route and DNS).
+        random_seed: 32 random bytes for the guest's entropy pool (``b""``: none).
+        workspace: a workspace disk with serial ``sandbox-workspace`` is attached.
+
+    Returns:
+        The path written.
 
     Raises:
         SandboxConfigError: a bad host name, a host key that is not an OpenSSH private key,
-            authorized keys that are empty or not text, or a random seed of the wrong size.
+            authorized keys that are empty or not text, a random seed of the wrong size, a
+            seed larger than the disk, or the file cannot be written.
     """
     if "-----BEGIN OPENSSH PRIVATE KEY-----" not in host_key_openssh:
         raise SandboxConfigError("the seed's host key must be an OpenSSH private key "
@@ -86,6 +101,15 @@ def build_seed(
         files["random_seed"] = bytes(random_seed)
     if workspace:
         files["workspace"] = b"1\n"
+    return write_private_file(path, _disk_image(files), "the seed disk")
+
+
+def _disk_image(files: dict[str, bytes]) -> bytes:
+    """``files`` as a tar archive of root's 0600 members, padded to ``SEED_SIZE``.
+
+    Raises:
+        SandboxConfigError: the archive is larger than the disk.
+    """
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in files.items():
@@ -100,37 +124,6 @@ def build_seed(
         raise SandboxConfigError(f"the seed is {len(data)} bytes, more than the seed disk's "
                                  f"{SEED_SIZE}: use shorter authorized_keys.")
     return data + b"\0" * (SEED_SIZE - len(data))
-
-
-def write_seed_disk(
-    path: str | os.PathLike[str],
-    host_key_openssh: str,
-    authorized_keys: str,
-    hostname: str,
-    allow_network: bool = False,
-    random_seed: bytes = b"",
-    workspace: bool = False,
-) -> Path:
-    """Write the seed disk image to ``path`` (mode 0600, ``SEED_SIZE`` bytes).
-
-    Args:
-        path: the raw disk file to create or replace; symbolic links are refused.
-        host_key_openssh: the guest's private host key, OpenSSH format.
-        authorized_keys: the client public key line(s).
-        hostname: the guest host name (one DNS label).
-        allow_network: let the guest open outbound connections (default route and DNS).
-        random_seed: 32 random bytes for the guest's entropy pool (``b""``: none).
-        workspace: a workspace disk with serial ``sandbox-workspace`` is attached.
-
-    Returns:
-        The path written.
-
-    Raises:
-        SandboxConfigError: a bad value (see :func:`build_seed`) or the file cannot be written.
-    """
-    data = build_seed(host_key_openssh, authorized_keys, hostname, allow_network, random_seed,
-                      workspace)
-    return write_private_file(path, data, "the seed disk")
 
 
 def refresh_random_seed(path: str | os.PathLike[str], random_seed: bytes) -> None:
