@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import inspect
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -169,9 +170,10 @@ def _generated_name() -> str:
     return dt.datetime.now().strftime("snap-%Y%m%d-%H%M%S-%f")[:-3]
 
 
+#: One lock per provisioner (snapshot operations on one sandbox never overlap); held
+#: here rather than on the provisioner, whose attributes are its own.
+_LOCKS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
 def _lock_for(provisioner: Any) -> asyncio.Lock:
-    lock = getattr(provisioner, "_snapshot_lock", None)
-    if lock is None:
-        lock = asyncio.Lock()
-        provisioner._snapshot_lock = lock
-    return lock
+    return _LOCKS.setdefault(provisioner, asyncio.Lock())
