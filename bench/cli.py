@@ -22,9 +22,8 @@ from .kernels import LOCAL_KERNEL, Kernel, Kernels
 from .report import table, write_json, write_plot
 from .results_model import Results
 
-KERNELS = {"local": LOCAL_KERNEL, "docker": "sandbox-docker", "gvisor": "sandbox-gvisor", "ssh": "sandbox-ssh",
-           "vm": "sandbox-nixos-vm", "k8s": "sandbox-k8s"}
-DOCTOR_NAMES = {"docker": "docker", "gvisor": "gvisor", "vm": "libvirt", "k8s": "k8s"}
+#: Slow runtimes last, so a quick look at the table sees the fast ones first.
+ORDER = ("docker", "gvisor", "ssh", "vm", "k8s")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORK_DIR = Path("/tmp/sandbox-kernels-bench")
 MiB = 2**20
@@ -42,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark the sandbox runtimes against a local ipykernel (see bench/README.md).")
     parser.add_argument("--quick", action="store_true",
                         help="few samples and smaller outputs (CI smoke run, ~5 min with a VM)")
-    parser.add_argument("--runtimes", default="docker,gvisor,ssh,vm,k8s",
-                        help="comma-separated subset of docker,gvisor,ssh,vm,k8s (the local kernel always runs)")
+    known = runtime_kernels()
+    parser.add_argument("--runtimes", default=",".join(known),
+                        help=f"comma-separated subset of {','.join(known)} (the local kernel always runs)")
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
                         help="execute round-trips per runtime (default 200, --quick 20; the VM gets N/4)")
     parser.add_argument("--starts", type=int, default=None, metavar="N",
@@ -53,11 +53,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     args = parser.parse_args(argv)
     wanted = [r.strip() for r in args.runtimes.split(",") if r.strip() and r.strip() != "local"]
-    unknown = sorted(set(wanted) - set(KERNELS))
+    unknown = sorted(set(wanted) - set(known))
     if unknown:
-        parser.error(f"unknown runtime(s) {', '.join(unknown)}; use docker, gvisor, ssh, vm, k8s")
-    args.runtimes = ["local"] + [r for r in KERNELS if r in wanted]
+        parser.error(f"unknown runtime(s) {', '.join(unknown)}; use {', '.join(known)}")
+    args.runtimes = ["local"] + [r for r in known if r in wanted]
     return args
+
+
+def runtime_kernels() -> dict[str, str]:
+    """What users call each runtime (``vm`` for libvirt) -> its kernelspec, from the records."""
+    from sandbox_kernels.runtimes import registry
+
+    found = {r.user_name: r.kernel_name for r in registry.records()}
+    return {name: found[name] for name in sorted(found, key=lambda n: (ORDER + (n,)).index(n))}
+
+
+def kernel_name(runtime: str) -> str:
+    """The kernelspec ``runtime`` is measured with (``local``: the plain ipykernel)."""
+    return LOCAL_KERNEL if runtime == "local" else runtime_kernels()[runtime]
+
+
+def doctor_name(runtime: str) -> str:
+    """The record name ``doctor`` knows ``runtime`` by (``libvirt`` for ``vm``)."""
+    from sandbox_kernels.runtimes import registry
+
+    return registry.get(runtime).name
 
 
 def make_plan(runtime: str, args: argparse.Namespace) -> Plan:
@@ -89,18 +109,17 @@ def unavailable(runtime: str) -> str | None:
 
     from sandbox_kernels import doctor
 
-    if KERNELS[runtime] not in KernelSpecManager().find_kernel_specs():
-        return f"kernelspec {KERNELS[runtime]} is not installed"
+    if kernel_name(runtime) not in KernelSpecManager().find_kernel_specs():
+        return f"kernelspec {kernel_name(runtime)} is not installed"
     if runtime == "ssh":
         try:
             sshhost.check()
         except sshhost.Unavailable as e:
             return str(e)
         return None
-    if runtime in DOCTOR_NAMES:
-        report = doctor.check(DOCTOR_NAMES[runtime])
-        if not report.ok:
-            return "; ".join(report.details[-2:])
+    report = doctor.check(doctor_name(runtime))
+    if not report.ok:
+        return "; ".join(report.details[-2:])
     return None
 
 
@@ -151,7 +170,7 @@ async def run(args: argparse.Namespace, say: Progress, results: Results, meta: d
             say(f"{runtime}: {plan.starts} cold starts, {plan.golden} from a golden snapshot, "
                 f"{plan.warm} restarts, {plan.roundtrips} round-trips, "
                 f"{plan.reps}x output, {plan.snapshots} snapshots")
-            run_ = figures.Run(runtime, KERNELS[runtime], plan, kernels, results, say,
+            run_ = figures.Run(runtime, kernel_name(runtime), plan, kernels, results, say,
                                FOOTPRINTS.get(runtime), companion)
             try:
                 if runtime == "ssh":
@@ -181,7 +200,7 @@ async def run_batch(n: int, results: Results, say: Progress) -> None:
     env = {**os.environ, "NIXOS_MAX_CONCURRENT_VMS": "2"}
     single: dict[str, float] = {}
     for runtime in ("local", "vm"):
-        kernel = KERNELS[runtime]
+        kernel = kernel_name(runtime)
         say(f"batch: one notebook alone on {kernel}")
         one = await batch.run(kernel, 1, notebook, WORK_DIR / f"batch-{runtime}-one", env, say)
         if one.failures:
