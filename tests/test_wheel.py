@@ -9,7 +9,10 @@ install-kernelspecs --sys-prefix`` makes the kernels appear in ``jupyter kernels
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
+
+from sandbox_kernels.runtimes import registry
 
 from helpers.wheel_env import WheelVenv, bare_path, run, wheel_venv  # noqa: F401 (fixture)
 
@@ -27,5 +30,12 @@ def test_wheel_installs_panel_server_extension_and_kernelspecs(wheel_venv: Wheel
 
     run([wheel_venv.bin("sandbox-kernels"), "install-kernelspecs", "--sys-prefix"], env)
     kernels = run([wheel_venv.bin("jupyter"), "kernelspec", "list"], env)
-    for name in ("sandbox-docker", "sandbox-nixos-vm", "sandbox-k8s", "sandbox-ssh"):
+    # The wheel carries every runtime's record (its entry points) and every record's kernelspec.
+    proc = subprocess.run([wheel_venv.bin("python"), "-c", "from sandbox_kernels.runtimes import registry; "
+                           "print(' '.join(r.kernel_name for r in registry.records()))"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shipped = proc.stdout.split()
+    assert sorted(shipped) == sorted(r.kernel_name for r in registry.records()), shipped
+    for name in shipped:
         assert name in kernels and str(wheel_venv.venv) in kernels, kernels
