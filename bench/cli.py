@@ -111,6 +111,8 @@ def unavailable(runtime: str) -> str | None:
 
     if kernel_name(runtime) not in KernelSpecManager().find_kernel_specs():
         return f"kernelspec {kernel_name(runtime)} is not installed"
+    if runtime == "local":
+        return None
     if runtime == "ssh":
         try:
             sshhost.check()
