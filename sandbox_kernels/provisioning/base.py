@@ -39,6 +39,7 @@ from .exit_cleanup import shielded, track, untrack
 from .hooks import RuntimeHooks
 from .shared_settings import SharedSettings
 from .snapshot_hooks import SnapshotHooks
+from .start_progress import StartProgress
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
@@ -87,6 +88,7 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._local_ports: dict[str, int] = {}
         self._state_dir: Path | None = None
         self._control: ControlServer | None = None
+        self._progress: StartProgress | None = None
 
     # -- settings --------------------------------------------------------------------------
 
@@ -112,6 +114,15 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
     def sandbox_name(self) -> str:
         """The name given to this kernel's sandbox: ``sandbox-kernels-<kernel id>``."""
         return f"sandbox-kernels-{check_name(self.kernel_id, 'kernel id')}"
+
+    @property
+    def start_progress(self) -> StartProgress:
+        """Where this kernel's start phases go (the log, and JupyterLab through the server
+        extension's sink); runtimes report their own phases on it."""
+        if self._progress is None:
+            name = getattr(self.parent, "kernel_name", "") or self.kernel_name or self.runtime
+            self._progress = StartProgress(self.kernel_id, name, self.runtime, self.log)
+        return self._progress
 
     @property
     def has_state_dir(self) -> bool:
@@ -154,7 +165,12 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
 
         Called from ``KernelManager.pre_start_kernel()``.
         """
-        self.validate_settings()
+        self.start_progress.begin()
+        try:
+            self.validate_settings()
+        except SandboxError as e:
+            self.start_progress.phase("failed", str(e))
+            raise
         km = self.parent
         self.configure_transport(km)
         env = kwargs.get("env", os.environ)
@@ -209,25 +225,30 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
                     f"config or SANDBOX_KERNELS_LAUNCH_TIMEOUT) if the machine is slow.{detail}"
                 )
             task.result()
+            self.start_progress.phase("ready", "the kernel is ready")
             self._has_process = True
             self._restarting = False
             if self._control is None:
                 self._control = ControlServer(self)
                 await self._control.start()
-        except BaseException:
+        except BaseException as e:
             if not task.done():
                 task.cancel()
+            self.start_progress.phase("failed", str(e) or type(e).__name__)
             await shielded(self.teardown())
             raise
         return self.connection_info
 
     async def _launch(self, cmd: list[str]) -> None:
+        progress = self.start_progress
         if not self._sandbox_ready:
-            self.log.info("Starting %s sandbox %s", self.runtime, self.sandbox_name)
+            progress.phase("creating", f"creating the {self.runtime} sandbox {self.sandbox_name}")
             await self.create_sandbox()
             self._sandbox_ready = True
         self._last_cmd = cmd
+        progress.phase("starting", "starting the kernel")
         await self.start_kernel(cmd, self._sandbox_env)
+        progress.phase("connecting", "connecting to the kernel")
         await self.wait_ready()
 
     async def relaunch_kernel(self) -> None:
