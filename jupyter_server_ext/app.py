@@ -7,6 +7,7 @@ import threading
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool
 
+from jupyter_server_ext.events import StartEventSink
 from jupyter_server_ext.handlers import handlers
 
 
@@ -16,6 +17,8 @@ class SandboxKernelsExtension(ExtensionApp):
     name = "jupyter_server_ext"
     extension_url = "/sandbox-kernels/api/runtimes"
     load_other_extensions = True
+    #: The start-phase sink of this server (see :mod:`.events`), once initialised.
+    start_events: StartEventSink | None = None
 
     reap_on_start = Bool(True, config=True, help=(
         "At start-up, remove in the background the sandboxes (containers, VMs, pods, overlays) "
@@ -28,9 +31,20 @@ class SandboxKernelsExtension(ExtensionApp):
         self.handlers.extend(handlers())
 
     def initialize_settings(self) -> None:
-        """Start the background reap of a dead server's sandboxes (see ``reap_on_start``)."""
+        """Emit kernel start phases as server events (:mod:`.events`), and start the background
+        reap of a dead server's sandboxes (see ``reap_on_start``)."""
+        if self.serverapp is not None and getattr(self.serverapp, "event_logger", None) is not None:
+            io_loop = getattr(self.serverapp, "io_loop", None)
+            self.start_events = StartEventSink(self.serverapp.event_logger, self.log)
+            self.start_events.install(getattr(io_loop, "asyncio_loop", None))
         if self.reap_on_start:
             threading.Thread(target=self._reap, name="sandbox-kernels-reap", daemon=True).start()
+
+    async def stop_extension(self) -> None:
+        """Called by jupyter_server when it stops: no more start events from this server."""
+        if self.start_events is not None:
+            self.start_events.uninstall()
+            self.start_events = None
 
     def _reap(self) -> None:
         from sandbox_kernels.reap import reap
