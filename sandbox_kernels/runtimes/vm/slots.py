@@ -1,7 +1,8 @@
 """``NIXOS_MAX_CONCURRENT_VMS`` as a queue: VM slots are lock files shared by all processes of a user.
 
 A kernel holds one slot (an exclusive ``flock`` on ``slot-<n>.lock``) for its VM's lifetime;
-the kernel that finds every slot taken waits and says so in the log. Locks vanish with their
+the kernel that finds every slot taken waits in line (:mod:`.slot_queue`: first come, first
+served, across processes) and reports its place. Locks vanish with their
 process, so a crashed server never leaks a slot.
 
 The lock files live in a directory of the user's own (:func:`slots_dir`), never in a shared
@@ -19,10 +20,13 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Callable
 
+from ...aio import to_thread
 from ...cache import cache_dir
 from ...errors import SandboxTimeout, SandboxUnavailable
 from ...private_dirs import open_private_dir
+from . import slot_queue
 
 
 def slots_dir() -> Path:
@@ -82,28 +86,46 @@ def try_acquire_slot(directory: Path, limit: int) -> VMSlot | None:
 
 
 async def acquire_slot(directory: Path, limit: int, timeout: float, log: logging.Logger,
-                       who: str) -> VMSlot:
+                       who: str, on_queued: Callable[[int], None] | None = None) -> VMSlot:
     """Take one of ``limit`` slots, waiting in line (asynchronously) up to ``timeout`` seconds.
+
+    Kernels get slots in the order they asked, across processes (see :mod:`.slot_queue`).
+    ``on_queued(position)`` is called when the kernel starts waiting and whenever its 1-based
+    place in line changes.
 
     Raises:
         SandboxTimeout: no slot became free in time.
         SandboxUnavailable: the slot directory is not ours alone.
     """
-    deadline = time.monotonic() + timeout
-    announced = False
-    while True:
-        slot = try_acquire_slot(directory, limit)
+    if not await to_thread(slot_queue.waiters, directory):
+        slot = await to_thread(try_acquire_slot, directory, limit)
         if slot is not None:
-            if announced:
-                log.info("%s: a VM slot is free, starting", who)
             return slot
-        if not announced:
-            log.info("%s: waiting for a VM slot: all %d in use (NIXOS_MAX_CONCURRENT_VMS=%d)",
-                     who, limit, limit)
-            announced = True
-        if time.monotonic() > deadline:
-            raise SandboxTimeout(
-                f"no VM slot became free within {timeout:g} s (NIXOS_MAX_CONCURRENT_VMS={limit}); "
-                f"shut down another VM kernel or raise the limit."
-            )
-        await asyncio.sleep(0.5)
+    deadline = time.monotonic() + timeout
+    place = await to_thread(slot_queue.QueuePlace, directory)
+    try:
+        reported = 0
+        while True:
+            position = await to_thread(place.position)
+            if position == 1:
+                slot = await to_thread(try_acquire_slot, directory, limit)
+                if slot is not None:
+                    if reported:
+                        log.info("%s: a VM slot is free, starting", who)
+                    return slot
+            if position != reported:
+                if not reported:
+                    log.info("%s: waiting for a VM slot: all %d in use (NIXOS_MAX_CONCURRENT_VMS=%d)",
+                             who, limit, limit)
+                log.info("%s: place %d in the VM queue", who, position)
+                reported = position
+                if on_queued is not None:
+                    on_queued(position)
+            if time.monotonic() > deadline:
+                raise SandboxTimeout(
+                    f"no VM slot became free within {timeout:g} s (NIXOS_MAX_CONCURRENT_VMS={limit}); "
+                    f"shut down another VM kernel or raise the limit."
+                )
+            await asyncio.sleep(0.5)
+    finally:
+        place.leave()
