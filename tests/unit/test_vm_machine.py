@@ -188,8 +188,10 @@ def test_restore_loads_the_golden_snapshot_and_reseeds(images: dict[str, Any], t
     found = golden.Golden("key", overlay, "<domainsnapshot/>", 42, 0.0)
     reseeded = []
     monkeypatch.setattr(golden, "reseed", lambda path, timeout: reseeded.append(path) or 0.1)
-    steps = asyncio.run(machine.restore(found, 5))
+    steps = asyncio.run(machine.restore(found, 5, on_reseed=lambda: reseeded.append("announced")))
     assert set(steps) == {"copy", "revert", "reseed"}
+    assert reseeded[0] == "announced", "the reseed phase is reported before the reseed"
+    reseeded.pop(0)
     assert Path(machine.spec.root).read_bytes() == b"golden overlay"
     assert ("load_snapshot", golden.SNAPSHOT) in host.calls
     assert host.state(machine.name) == "running" and reseeded == [machine.spec.reseed_socket]

@@ -148,3 +148,24 @@ async def test_a_cancelled_start_leaves_the_line(slots: Path) -> None:
         assert slot_queue.waiters(slots) == []
     finally:
         held.release()
+
+
+async def test_a_waiting_vm_kernel_reports_queued_with_its_place(monkeypatch: pytest.MonkeyPatch,
+                                                                 slots: Path) -> None:
+    from sandbox_kernels.provisioning import start_progress
+    from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
+
+    monkeypatch.setattr("sandbox_kernels.runtimes.vm.provisioner.slots_dir", lambda: slots)
+    held = try_acquire_slot(slots, 1)
+    assert held is not None
+    events: list[dict] = []
+    start_progress.add_sink(events.append)
+    try:
+        prov = LibvirtProvisioner(kernel_id="k-queued", max_concurrent_vms=1, queue_timeout=0)
+        with pytest.raises(SandboxTimeout):
+            await prov.take_slot("kernel k-queued")
+    finally:
+        start_progress.remove_sink(events.append)
+        held.release()
+    assert [(e["phase"], e["queue_position"]) for e in events] == [("queued", 1)]
+    assert "waiting for a VM slot" in events[0]["message"] and "place 1" in events[0]["message"]

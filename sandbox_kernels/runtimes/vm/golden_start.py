@@ -96,10 +96,14 @@ class GoldenStart:
                           prov.kernel_id)
             return False
         started = time.monotonic()
+        progress = prov.start_progress
         try:
-            steps = await machine.restore(found, prov.ssh_ready_timeout)
+            progress.phase("restoring", "restoring the VM from its golden snapshot")
+            steps = await machine.restore(found, prov.ssh_ready_timeout, on_reseed=lambda: progress.phase(
+                "reseeding", "giving the VM its own keys (reseed)"))
             prov.ssh_port = machine.ssh_port
             waited = time.monotonic()
+            progress.phase("connecting", "connecting to the VM over SSH")
             prov.tunnel = await prov.wait_for_ssh()
         except (SandboxError, OSError) as e:
             prov.log.warning("Kernel %s: could not start from golden snapshot %s (%s); booting "

@@ -166,9 +166,11 @@ class Machine:
             self.outbound = OutboundLink(self.vm_dir / "outbound.sock", self.spec.kernel_id, uid)
         await to_thread(self.outbound.start_with, start)
 
-    async def restore(self, found: golden.Golden, timeout: float) -> dict[str, float]:
+    async def restore(self, found: golden.Golden, timeout: float,
+                      on_reseed: Callable[[], None] | None = None) -> dict[str, float]:
         """Start the VM by loading a copy of the golden snapshot, then make it its own
-        machine (reseed). The caller waits for SSH next (:meth:`wait_ssh`).
+        machine (reseed; ``on_reseed()`` is called as it begins). The caller waits for SSH
+        next (:meth:`wait_ssh`).
 
         Returns:
             Seconds per step: ``copy``, ``revert``, ``reseed``.
@@ -188,6 +190,8 @@ class Machine:
         await to_thread(disk_snapshots.delete, self.host, self.name, golden.SNAPSHOT)
         await to_thread(self.host.resume, self.name)
         restored = time.monotonic()
+        if on_reseed is not None:
+            on_reseed()
         await to_thread(golden.reseed, str(self.spec.reseed_socket), timeout)
         return {"copy": copied - started, "revert": restored - copied,
                 "reseed": time.monotonic() - restored}

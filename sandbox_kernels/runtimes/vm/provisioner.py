@@ -214,15 +214,26 @@ class LibvirtProvisioner(SSHKernelProvisioner):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Take a VM slot first (waiting in line if all are in use)."""
         kwargs = await super().pre_launch(**kwargs)
-        await self.take_slot(f"kernel {self.kernel_id}")
+        try:
+            await self.take_slot(f"kernel {self.kernel_id}")
+        except SandboxError as e:
+            self.start_progress.phase("failed", str(e))
+            raise
         return kwargs
 
     async def take_slot(self, purpose: str) -> None:
         """Hold one of this host's VM slots (waiting in line if all are in use) until the VM
         is destroyed; ``purpose`` names the waiter in the log."""
         if self._slot is None:
-            self._slot = await acquire_slot(slots_dir(), self.max_concurrent_vms, self.queue_timeout,
-                                            self.log, purpose)
+            limit = self.max_concurrent_vms
+
+            def queued(position: int) -> None:
+                self.start_progress.phase(
+                    "queued", f"waiting for a VM slot (all {limit} in use), place {position} in line",
+                    queue_position=position)
+
+            self._slot = await acquire_slot(slots_dir(), limit, self.queue_timeout, self.log, purpose,
+                                            queued)
 
     async def build_golden(self, rebuild: bool = False) -> golden.Golden:
         """Build this configuration's golden snapshot (see :meth:`GoldenStart.build`); the
@@ -311,8 +322,10 @@ class LibvirtProvisioner(SSHKernelProvisioner):
         if await self.golden.restore(machine):
             self.start_mode = "golden"
             return
+        self.start_progress.phase("booting", "booting the VM")
         await machine.boot()
         self.ssh_port = machine.ssh_port
+        self.start_progress.phase("connecting", "waiting for the VM's SSH server")
         self.tunnel = await self.wait_for_ssh()
 
     async def wait_for_ssh(self, connect: Any = None) -> Any:
