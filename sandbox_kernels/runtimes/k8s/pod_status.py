@@ -46,3 +46,15 @@ def unschedulable(pod: Any) -> str:
         if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
             return f"{condition.reason}: {condition.message}"
     return ""
+
+
+def pending_detail(pod: Any) -> str:
+    """What a pod that does not run yet waits for, for the start progress ('' when nothing
+    is said): the scheduler's reason, else the container's waiting reason."""
+    reason = unschedulable(pod)
+    if reason:
+        return reason
+    status = container_status(pod)
+    if status is not None and status.state.waiting and status.state.waiting.reason:
+        return str(status.state.waiting.reason)
+    return ""

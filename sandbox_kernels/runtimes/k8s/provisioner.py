@@ -29,7 +29,7 @@ from . import checks
 from .api import KubeAPI
 from .forward import PortForwarder
 from .manifest import k8s_labels, network_policy_manifest, pod_manifest
-from .pod_status import container_running, start_problem, unschedulable
+from .pod_status import container_running, pending_detail, start_problem, unschedulable
 from .process import PodProcess
 from ...labels import PREFIX
 from ...remote.kernel import RemoteKernel
@@ -211,6 +211,7 @@ class KubernetesProvisioner(RemoteKernelProvisioner):
         api = self._api
         assert api is not None
         unschedulable_since: float | None = None
+        shown = ""
         while True:
             pod = await to_thread(api.read_pod, self.pod_name)
             if pod is None:
@@ -221,6 +222,10 @@ class KubernetesProvisioner(RemoteKernelProvisioner):
                                         f"{await self._events_text()}")
             if container_running(pod):
                 return
+            detail = pending_detail(pod)
+            if detail and detail != shown:  # the pod's pending reason, for JupyterLab
+                self.start_progress.phase("creating", f"pod {pod.status.phase or 'Pending'}: {detail}")
+                shown = detail
             reason = unschedulable(pod)
             if reason:
                 unschedulable_since = unschedulable_since or time.monotonic()
