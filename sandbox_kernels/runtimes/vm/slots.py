@@ -45,6 +45,14 @@ class VMSlot:
         self._fd: int | None = fd
         self.path = path
 
+    def hand_over(self) -> int:
+        """Give the held lock's descriptor away (to pass to a process that claims the VM):
+        the slot stays held through it, this object holds nothing after."""
+        if self._fd is None:
+            raise ValueError("the slot is not held")
+        fd, self._fd = self._fd, None
+        return fd
+
     def release(self) -> None:
         """Free the slot."""
         if self._fd is not None:
