@@ -1,6 +1,7 @@
 /**
  * sandbox-kernels-panel: a sidebar and palette commands to snapshot and roll back the sandbox
- * of the current notebook's kernel, through the `jupyter_server_ext` REST API.
+ * of the current notebook's kernel, through the `jupyter_server_ext` REST API; and a status
+ * bar item with the phases of a sandbox kernel's start (`startPlugin.ts`).
  */
 import {
   ILayoutRestorer,
@@ -13,6 +14,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { SNAPSHOT_NAME, SnapshotClient } from './api';
 import { snapshotIcon } from './icon';
 import { SnapshotPanel } from './panel';
+import { startStatusPlugin } from './startPlugin';
 
 export { SnapshotClient } from './api';
 export { SnapshotPanel } from './panel';
@@ -127,4 +129,4 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+export default [plugin, startStatusPlugin];
