@@ -104,7 +104,8 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type
     from .runtimes import registry
 
     found = []
-    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.kernelspec_cli"):
+    for name in ("sandbox_kernels.snapshots.cli", "sandbox_kernels.reap", "sandbox_kernels.kernelspec_cli",
+                 "sandbox_kernels.pool.cli"):
         found.append(importlib.import_module(name).add_parser)
     for record in registry.records():
         if record.commands:

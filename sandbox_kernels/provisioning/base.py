@@ -40,6 +40,7 @@ from .hooks import RuntimeHooks
 from .shared_settings import SharedSettings
 from .snapshot_hooks import SnapshotHooks
 from .start_progress import StartProgress
+from ..pool.claim import claim_from_pool
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
@@ -57,6 +58,8 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
     runtime: ClassVar[str] = ""
     #: Kernelspec name this runtime ships (for messages).
     kernel_name: ClassVar[str] = ""
+    #: Whether this runtime can keep a warm pool (``pool_size``; see :mod:`sandbox_kernels.pool`).
+    supports_pool: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _FRAMEWORK_KWARGS - set(self.class_trait_names(config=True)))
@@ -89,6 +92,8 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._state_dir: Path | None = None
         self._control: ControlServer | None = None
         self._progress: StartProgress | None = None
+        self._sandbox_id = ""  # a claimed pool member's id (its sandbox's name and labels)
+        self._claimed = False  # the next launch finds the kernel already running (pool)
 
     # -- settings --------------------------------------------------------------------------
 
@@ -100,20 +105,32 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
             os.close(open_private_dir(root, "the state directory (state_root)",
                                       "Set SANDBOX_KERNELS_STATE_DIR (or XDG_RUNTIME_DIR) to a "
                                       "directory of this user's."))
-            path = root / check_name(self.kernel_id, "kernel id")
+            path = root / check_name(self.sandbox_id, "kernel id")
             path.mkdir(mode=0o700, exist_ok=True)
             self._state_dir = path
         return self._state_dir
 
     @property
+    def sandbox_id(self) -> str:
+        """The id that names this kernel's sandbox, state directory and labels: the kernel id,
+        or a claimed pool member's own id (it was made before the kernel existed)."""
+        return self._sandbox_id or self.kernel_id
+
+    @property
+    def pool_member(self) -> bool:
+        """Whether this provisioner makes a warm-pool member (the pool agent's kernel manager
+        says so); a member never claims from a pool and never waits in a queue."""
+        return bool(getattr(self.parent, "pool_member", False))
+
+    @property
     def labels(self) -> dict[str, str]:
         """Labels put on everything created for this kernel (kernel id, runtime, owner)."""
-        return owner_labels(self.kernel_id, self.runtime)
+        return owner_labels(self.sandbox_id, self.runtime, pooled=self.pool_member)
 
     @property
     def sandbox_name(self) -> str:
-        """The name given to this kernel's sandbox: ``sandbox-kernels-<kernel id>``."""
-        return f"sandbox-kernels-{check_name(self.kernel_id, 'kernel id')}"
+        """The name given to this kernel's sandbox: ``sandbox-kernels-<sandbox id>``."""
+        return f"sandbox-kernels-{check_name(self.sandbox_id, 'kernel id')}"
 
     @property
     def start_progress(self) -> StartProgress:
@@ -148,6 +165,10 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         """
         if self.launch_timeout <= 0:
             raise SandboxConfigError(f"launch_timeout={self.launch_timeout} must be positive.")
+        if self.pool_size and not self.supports_pool:
+            raise SandboxConfigError(
+                f"pool_size={self.pool_size}: the {self.runtime} runtime keeps no warm pool "
+                "(the VM and Docker runtimes do); set it to 0.")
 
     # -- jupyter_client provisioner API ----------------------------------------------------
 
@@ -168,10 +189,13 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self.start_progress.begin()
         try:
             self.validate_settings()
+            km = self.parent
+            if self.pool_size and not self.pool_member and not self._local_ports and not self._sandbox_ready:
+                await claim_from_pool(self, km, kwargs.get("env", os.environ),
+                                      kwargs.get("extra_arguments", []))
         except SandboxError as e:
             self.start_progress.phase("failed", str(e))
             raise
-        km = self.parent
         self.configure_transport(km)
         env = kwargs.get("env", os.environ)
         extra_arguments = kwargs.pop("extra_arguments", [])
@@ -191,10 +215,12 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         host_file = km.connection_file
         cmd = [self.sandbox_connection_file() if arg == host_file else arg for arg in cmd]
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
-        self._sandbox_env = self._select_env(kwargs["env"])
+        self._sandbox_env = self.kernel_env(kwargs["env"])
         return kwargs
 
-    def _select_env(self, full_env: dict[str, str]) -> dict[str, str]:
+    def kernel_env(self, full_env: dict[str, str]) -> dict[str, str]:
+        """What of ``full_env`` (a start's environment) reaches the kernel: the kernelspec's
+        env and ``env_passthrough``, checked."""
         wanted = set(self.kernel_spec.env) | set(self.env_passthrough)
         env = {k: v for k, v in full_env.items() if k in wanted}
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -241,11 +267,16 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
 
     async def _launch(self, cmd: list[str]) -> None:
         progress = self.start_progress
+        self._last_cmd = cmd
+        if self._claimed:  # a pool member's kernel runs already: connect to it
+            self._claimed = False
+            progress.phase("connecting", "connecting to the kernel claimed from the warm pool")
+            await self.wait_ready()
+            return
         if not self._sandbox_ready:
             progress.phase("creating", f"creating the {self.runtime} sandbox {self.sandbox_name}")
             await self.create_sandbox()
             self._sandbox_ready = True
-        self._last_cmd = cmd
         progress.phase("starting", "starting the kernel")
         await self.start_kernel(cmd, self._sandbox_env)
         progress.phase("connecting", "connecting to the kernel")
@@ -335,6 +366,7 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         info.update(
             runtime=self.runtime,
             sandbox_name=self.sandbox_name,
+            sandbox_id=self.sandbox_id,
             state_dir=str(self.state_dir),
             sandbox_state=self.runtime_state(),
         )
@@ -343,11 +375,52 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """Re-attach to a sandbox described by :meth:`get_provisioner_info`."""
         await super().load_provisioner_info(provisioner_info)
+        self._sandbox_id = provisioner_info.get("sandbox_id", "")
         self._state_dir = Path(provisioner_info["state_dir"])
         self.load_runtime_state(provisioner_info.get("sandbox_state", {}))
         self._sandbox_ready = True
         self._has_process = True
         track(self)
+
+    async def adopt(self, member: dict[str, Any], fds: list[int]) -> None:
+        """Take over a warm-pool member (what its :meth:`detach` returned) as this kernel's
+        sandbox: the next launch connects to the kernel already running in it.
+
+        Called from :func:`~sandbox_kernels.pool.claim.claim_from_pool` in :meth:`pre_launch`,
+        before any port or file of this kernel exists.
+        """
+        await self.load_provisioner_info(member["provisioner_info"])
+        self._has_process = False  # until launch_kernel has connected
+        self._local_ports = {k: int(v) for k, v in member["local_ports"].items()}
+        self._claimed = True
+        self.take_over(fds)
+
+    async def detach(self) -> tuple[dict[str, Any], list[int]]:
+        """Let go of the sandbox and its running kernel without stopping either, so that
+        another process can :meth:`adopt` them (a pool member being claimed).
+
+        Closes the control socket and the runtime's own handles (:meth:`release_sandbox`);
+        the state directory stays, for the adopter.
+
+        Returns:
+            What :meth:`adopt` takes: the state to adopt, and descriptors to pass along
+            (a VM slot's lock) that the caller closes once passed.
+        """
+        key = self.connection_info["key"]
+        info = await self.get_provisioner_info()
+        info["connection_info"] = {k: v.decode() if isinstance(v, bytes) else v
+                                   for k, v in info.get("connection_info", {}).items()}
+        member = {"provisioner_info": info, "local_ports": self.local_ports,
+                  "connection": {"key": key.decode() if isinstance(key, bytes) else key,
+                                 "signature_scheme": self.connection_info["signature_scheme"]}}
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        fds = await self.release_sandbox()
+        self._has_process = self._sandbox_ready = False
+        self._state_dir = None
+        untrack(self)
+        return member, fds
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """Allow a little longer than a local kernel: signals cross an API or a tunnel."""

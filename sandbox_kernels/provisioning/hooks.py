@@ -8,6 +8,7 @@ bottom. None of the hooks needs ``super()`` unless its docstring says so.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from abc import ABC, abstractmethod
 from typing import Any
@@ -128,6 +129,32 @@ class RuntimeHooks(ABC):
 
         Called from ``send_signal``, ``kill``, ``terminate`` and :meth:`stop_kernel`.
         """
+
+    async def release_sandbox(self) -> list[int]:
+        """Close this process's handles on the sandbox (connections, forwards, engine
+        clients) and leave the sandbox and its kernel running, for another process to adopt.
+
+        Called from :meth:`~.base.SandboxProvisioner.detach` (a warm-pool member being
+        claimed). Returns descriptors the adopter needs (passed to its :meth:`take_over`).
+        Runtimes with pools override it; ``super()`` not needed.
+        """
+        return []
+
+    def take_over(self, fds: list[int]) -> None:
+        """Keep what :meth:`release_sandbox` passed along (a VM slot's lock); the default
+        closes them. Called from :meth:`~.base.SandboxProvisioner.adopt`."""
+        for fd in fds:
+            os.close(fd)
+
+    async def pool_identity(self) -> dict[str, Any]:
+        """What identifies this configuration's images (content or file identity), so a
+        rebuilt image makes a new warm pool. Called when a start asks the pool."""
+        return {}
+
+    async def memory_held(self) -> int:
+        """Host memory the running sandbox holds, in bytes (0 if unknown); for the pool's
+        status."""
+        return 0
 
     @abstractmethod
     async def destroy_sandbox(self) -> None:

@@ -37,6 +37,29 @@ class SharedSettings(LoggingConfigurable):
         "The kernelspec's own 'env' is always passed; nothing else from the host leaks in.",
     ).tag(widen="subset")
 
+    pool_size = Int(
+        0,
+        min=0,
+        max=64,
+        config=True,
+        help="Sandboxes of this kernelspec's configuration kept ready, each with a kernel "
+        "already running, shared by every process of this user through the pool agent "
+        "(`sandbox-kernels pool`); a start claims one instead of creating a sandbox. 0 (the "
+        "default) turns the pool off: each pooled sandbox holds memory (and, for VMs, one of "
+        "the NIXOS_MAX_CONCURRENT_VMS slots) while nobody uses it. Runtimes with pools: the VM "
+        "(env NIXOS_VM_POOL_SIZE) and Docker/gVisor (env SANDBOX_DOCKER_POOL_SIZE).",
+    ).tag(widen="higher")
+
+    pool_idle_timeout = Float(
+        600.0,
+        min=1.0,
+        config=True,
+        help="Seconds a warm pool lives without a kernel start asking for its configuration; "
+        "then its sandboxes are removed (the next start refills it). "
+        "Env: SANDBOX_KERNELS_POOL_IDLE_TIMEOUT.",
+    ).tag(widen="higher")
+    _pool_idle_timeout_default = env_default("pool_idle_timeout", "SANDBOX_KERNELS_POOL_IDLE_TIMEOUT")
+
     state_root = Unicode(
         config=True,
         help="Directory for per-kernel state (ipc sockets, keys, logs, overlays); created 0700. "

@@ -58,14 +58,15 @@ class DockerEngine:
         return self._client
 
     @_engine_call
-    def check_image(self, image: str) -> None:
-        """Raise a clear error if ``image`` is not present locally (we never pull).
+    def check_image(self, image: str) -> str:
+        """Raise a clear error if ``image`` is not present locally (we never pull); returns
+        its id.
 
         Raises:
             SandboxConfigError: the image is not in the local engine.
         """
         try:
-            self._client.images.get(image)
+            return str(self._client.images.get(image).id)
         except self._errors.ImageNotFound as e:
             raise SandboxConfigError(
                 f"image={image!r}: no such image in the local Docker engine. Build the default "
@@ -274,3 +275,21 @@ class DockerEngine:
             return
         except self._errors.APIError as e:
             raise SandboxError(f"Docker could not remove image {ref}: {e.explanation}") from e
+
+
+def container_memory(container_id: str) -> int:
+    """Bytes of memory container ``container_id`` uses, from its cgroup (v2 ``memory.current``
+    or v1 ``memory.usage_in_bytes``, cgroupfs or systemd driver); 0 if none is found. Kernel
+    files: nothing the container writes."""
+    candidates = []
+    for parent in ("docker/{}", "system.slice/docker-{}.scope"):
+        rel = parent.format(container_id)
+        candidates += [f"/sys/fs/cgroup/{rel}/memory.current",
+                       f"/sys/fs/cgroup/memory/{rel}/memory.usage_in_bytes"]
+    for path in candidates:
+        try:
+            with open(path, "rb") as f:
+                return int(f.read(64))
+        except (OSError, ValueError):
+            continue
+    return 0

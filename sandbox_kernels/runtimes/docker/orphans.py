@@ -35,7 +35,7 @@ class DockerOrphans(OrphanFinder):
         found = []
         for row in rows:
             row_labels = row.get("Labels") or {}
-            if not labels.owner_alive(row_labels):
+            if not labels.owner_alive(row_labels, self.settings.state_root):
                 cid = row["Id"]
                 found.append(Orphan("container", f"{row['Names'][0].lstrip('/')} ({cid[:12]})",
                                     lambda cid=cid: engine.remove(cid), row_labels.get(labels.KERNEL_ID, "")))

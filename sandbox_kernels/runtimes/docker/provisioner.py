@@ -27,7 +27,7 @@ from ...snapshots.quota import Quota
 from ...provisioning.base import SandboxProvisioner
 from ...settings import env_default, parse_size
 from .dirs import CONTAINER_CONNECTION_FILE, IPC_DIR, KernelDirs, release_ipc
-from .engine import DockerEngine
+from .engine import DockerEngine, container_memory
 
 DEFAULT_IMAGE = "sandbox-kernels/python:latest"
 SNAPSHOT_REPOSITORY = "sandbox-kernels/snapshot"
@@ -46,6 +46,7 @@ class DockerProvisioner(SandboxProvisioner):
 
     runtime = "docker"
     kernel_name = "sandbox-docker"
+    supports_pool = True
 
     image = Unicode(DEFAULT_IMAGE, config=True,
                     help="Image with python3 and ipykernel. Env: SANDBOX_DOCKER_IMAGE.")
@@ -75,6 +76,8 @@ class DockerProvisioner(SandboxProvisioner):
     _read_only_default = env_default("read_only", "SANDBOX_DOCKER_READ_ONLY")
 
     workdir = Unicode("/home/executor", config=True, help="The kernel's working directory.")
+
+    _pool_size_default = env_default("pool_size", "SANDBOX_DOCKER_POOL_SIZE")
 
     @validate("cpus")
     def _check_cpus(self, proposal: dict[str, Any]) -> float:
@@ -166,7 +169,7 @@ class DockerProvisioner(SandboxProvisioner):
             image=self._current_image or self.image,
             command=self._dirs.container_command(cmd),
             name=self.sandbox_name,
-            hostname=f"sandbox-{self.kernel_id[:8]}",
+            hostname=f"sandbox-{self.sandbox_id[:8]}",
             labels=self.labels,
             init=True,
             user=user,
@@ -265,6 +268,25 @@ class DockerProvisioner(SandboxProvisioner):
         logs = await to_thread(self._engine.logs, self.container_id)
         return f"Container output:\n{logs}" if logs else ""
 
+    async def release_sandbox(self) -> list[int]:
+        """Close the engine client; the container and its kernel go on (a pool member's
+        claim), with its ipc directory in the state directory the adopter takes over."""
+        if self._engine is not None:
+            await to_thread(self._engine.close)
+            self._engine = None
+        return []
+
+    async def pool_identity(self) -> dict[str, Any]:
+        """The image's id: a rebuilt image is a new pool."""
+        engine = await self._engine_ready()
+        return {"image_id": await to_thread(engine.check_image, self.image)}
+
+    async def memory_held(self) -> int:
+        """The container's memory use (its cgroup's ``memory.current``)."""
+        if not self.container_id:
+            return 0
+        return await to_thread(container_memory, self.container_id)
+
     async def destroy_sandbox(self) -> None:
         """Remove the container (by id and by name, so a half-created one goes too)."""
         try:
@@ -306,12 +328,12 @@ class DockerProvisioner(SandboxProvisioner):
         )
 
     def _snapshot_ref(self, name: str) -> str:
-        return f"{SNAPSHOT_REPOSITORY}:{self.kernel_id}-{name}"
+        return f"{SNAPSHOT_REPOSITORY}:{self.sandbox_id}-{name}"
 
     async def snapshot_list(self) -> list[Snapshot]:
         """Images committed from this kernel's container."""
         engine = await self._engine_ready()
-        rows = await to_thread(engine.images, f"{KERNEL_ID}={self.kernel_id}")
+        rows = await to_thread(engine.images, f"{KERNEL_ID}={self.sandbox_id}")
         snaps = []
         for row in rows:
             labels = row.get("Labels") or {}

@@ -32,7 +32,8 @@ class VMOrphans(OrphanFinder):
             names = host.list_domains()
             found = [Orphan("domain", name, lambda name=name: host.destroy(name),
                             name[len(labels.DOMAIN_PREFIX):])
-                     for name in names if not labels.owner_alive(host.labels(name))]
+                     for name in names
+                     if not labels.owner_alive(host.labels(name), self.settings.state_root)]
         except SandboxError:
             found, names = [], []
         from . import outbound

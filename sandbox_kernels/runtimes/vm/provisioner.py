@@ -26,7 +26,7 @@ from ...ssh.keys import create_sandbox_keys, load_private_key
 from ...remote.ssh_provisioner import SSHKernelProvisioner
 from ...snapshots.model import Capabilities, Snapshot
 from ...ssh.tunnel import SSHTunnel
-from . import golden, image_policy, overlay
+from . import golden, image_policy, overlay, pool_hooks
 from .domain_xml import check_cmdline_word, check_memory_mib, check_vcpus
 from .boot import console_tail
 from .golden_start import GoldenStart
@@ -42,6 +42,7 @@ class LibvirtProvisioner(SSHKernelProvisioner):
 
     runtime = "libvirt"
     kernel_name = "sandbox-nixos-vm"
+    supports_pool = True
 
     base_image = Unicode(config=True, help="Base qcow2 image. Env: NIXOS_SANDBOX_BASE_IMAGE.")
     guest_kernel = Unicode("", config=True, help="Kernel for direct boot (default: <image>.vmlinuz).")
@@ -60,6 +61,7 @@ class LibvirtProvisioner(SSHKernelProvisioner):
     max_concurrent_vms = Int(2, config=True,
                              help="VMs at once on this host; more kernels wait. Env: NIXOS_MAX_CONCURRENT_VMS.").tag(widen="higher")
     _max_concurrent_vms_default = env_default("max_concurrent_vms", "NIXOS_MAX_CONCURRENT_VMS")
+    _pool_size_default = env_default("pool_size", "NIXOS_VM_POOL_SIZE")
     queue_timeout = Float(3600.0, config=True, help="Seconds a kernel may wait for a VM slot.")
     ssh_key_path = Unicode("", config=True,
                            help="A static client key instead of a fresh one per VM. Env: NIXOS_VM_SSH_KEY_PATH.").tag(widen="admin")
@@ -191,7 +193,7 @@ class LibvirtProvisioner(SSHKernelProvisioner):
     @property
     def vm_dir(self) -> Path:
         """The VM's own directory: overlay, seed, console log, QEMU's sockets (QEMU may search it)."""
-        return Path(self.images_dir) / self.kernel_id
+        return Path(self.images_dir) / self.sandbox_id
 
     @property
     def console_path(self) -> Path:
@@ -224,13 +226,20 @@ class LibvirtProvisioner(SSHKernelProvisioner):
     async def take_slot(self, purpose: str) -> None:
         """Hold one of this host's VM slots (waiting in line if all are in use) until the VM
         is destroyed; ``purpose`` names the waiter in the log."""
+        if self._slot is None and self.pool_member:
+            self._slot = await pool_hooks.member_slot(self)
         if self._slot is None:
             limit = self.max_concurrent_vms
 
             def queued(position: int) -> None:
+                if position and not asked_pool:
+                    asked_pool.append(position)
+                    pool_hooks.ask_pool_for_slot(self)  # a pooled VM gives its slot back
                 self.start_progress.phase(
                     "queued", f"waiting for a VM slot (all {limit} in use), place {position} in line",
                     queue_position=position)
+
+            asked_pool: list[int] = []
 
             self._slot = await acquire_slot(slots_dir(), limit, self.queue_timeout, self.log, purpose,
                                             queued)
@@ -290,15 +299,15 @@ class LibvirtProvisioner(SSHKernelProvisioner):
 
     def _machine_config(self, workspace: str | None) -> MachineConfig:
         return MachineConfig(
-            machine_id=self.kernel_id, vm_dir=self.vm_dir, base_image=self.base_image,
-            kernel=self.kernel_path, initrd=self.initrd_path, hostname=f"sandbox-{self.kernel_id[:8]}",
+            machine_id=self.sandbox_id, vm_dir=self.vm_dir, base_image=self.base_image,
+            kernel=self.kernel_path, initrd=self.initrd_path, hostname=f"sandbox-{self.sandbox_id[:8]}",
             accelerator=self.accelerator, memory_mib=self.memory_mb, vcpus=self.vcpus,
             allow_network=self.allow_network, workspace=workspace,
             extra_cmdline=tuple(self.extra_cmdline), labels=self.labels)
 
     def _make_keys(self) -> MachineKeys:
         """Fresh host and client keys in the state directory (or the static client key)."""
-        keys = create_sandbox_keys(self.state_dir / "ssh", self.kernel_id[:32])
+        keys = create_sandbox_keys(self.state_dir / "ssh", self.sandbox_id[:32])
         if self.ssh_key_path:
             path = os.path.expanduser(self.ssh_key_path)
             client = load_private_key(path)
@@ -370,6 +379,31 @@ class LibvirtProvisioner(SSHKernelProvisioner):
             if console.exists():
                 parts.append(f"Serial console:\n{console_tail(console, CONSOLE_LINES)}")
         return "\n".join(p for p in parts if p)
+
+    # -- warm pools (see pool_hooks.py) -------------------------------------------------------
+
+    async def release_sandbox(self) -> list[int]:
+        """Close the tunnel and the libvirt connection; the VM runs on for the process that
+        claims it, which gets the VM slot's lock."""
+        await self.close_tunnel()
+        self.machine = None
+        if self._host is not None:
+            await to_thread(self._host.close)
+            self._host = None
+        slot, self._slot = self._slot, None
+        return [slot.hand_over()] if slot is not None else []
+
+    def take_over(self, fds: list[int]) -> None:
+        """Hold the claimed VM's slot."""
+        self._slot = pool_hooks.adopt_slot(fds)
+
+    async def pool_identity(self) -> dict[str, Any]:
+        """The images' file identities: a rebuilt image is a new pool."""
+        return await to_thread(pool_hooks.identity, self)
+
+    async def memory_held(self) -> int:
+        """The QEMU process's resident memory."""
+        return await to_thread(pool_hooks.qemu_memory, self.sandbox_name)
 
     async def destroy_sandbox(self) -> None:
         """Destroy and undefine the domain, remove overlay and seed, free the slot.
