@@ -271,7 +271,7 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         if self._claimed:  # a pool member's kernel runs already: connect to it
             self._claimed = False
             progress.phase("connecting", "connecting to the kernel claimed from the warm pool")
-            await self.wait_ready()
+            await self.connect_claimed()
             return
         if not self._sandbox_ready:
             progress.phase("creating", f"creating the {self.runtime} sandbox {self.sandbox_name}")

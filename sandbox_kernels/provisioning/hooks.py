@@ -146,6 +146,14 @@ class RuntimeHooks(ABC):
         for fd in fds:
             os.close(fd)
 
+    async def connect_claimed(self) -> None:
+        """Connect to the kernel already running in a claimed pool member's sandbox.
+
+        Called from ``launch_kernel`` instead of :meth:`start_kernel`; the default waits as
+        for a kernel just started (:meth:`wait_ready`).
+        """
+        await self.wait_ready()
+
     async def pool_identity(self) -> dict[str, Any]:
         """What identifies this configuration's images (content or file identity), so a
         rebuilt image makes a new warm pool. Called when a start asks the pool."""

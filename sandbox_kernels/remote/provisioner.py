@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
+from ..aio import to_thread
 from ..client_sockets import ClientSockets, transport_trait
 from ..provisioning.base import SandboxProvisioner
 from ..settings import env_default
@@ -123,6 +124,17 @@ class RemoteKernelProvisioner(SandboxProvisioner):
         """Wait for the kernel's ports, then point the local ends at them."""
         kernel = await self.remote_kernel()
         await kernel.wait_ready(self.channel_ports, self.client_sockets())
+
+    async def connect_claimed(self) -> None:
+        """The claimed kernel's ports are known: point the local ends at them, without
+        waiting for a connection file (a remote shell less under emulation). The kernel's
+        watch opens with the first :meth:`poll`."""
+        if not self.kernel_state.ports:
+            await self.wait_ready()
+            return
+        kernel = await self.remote_kernel()
+        kernel.set_local_ends(self.channel_ports, self.client_sockets())
+        await to_thread(kernel.point_forwards, dict(self.kernel_state.ports))
 
     async def kernel_exit_code(self) -> int | None:
         """-1 if no kernel is held or the machine stopped; else the kernel's own answer."""
