@@ -40,11 +40,31 @@ def check(name: str, config: Any = None) -> RuntimeReport:
     report = RuntimeReport(record.name, record.kernel_name, ok=True)
     try:
         checker = record.load("doctor")
-        checker(report, record.settings(config))
+        settings = record.settings(config)
+        checker(report, settings)
+        if getattr(settings, "supports_pool", False):
+            report.details.append(pool_line(settings, record.kernel_name))
     except SandboxError as e:
         report.ok = False
         report.details.append(str(e))
     return report
+
+
+def pool_line(settings: Any, kernel_name: str) -> str:
+    """The runtime's warm pool: its size setting, and what the agent holds for the kernelspec."""
+    from .pool.client import PoolClient
+
+    if not settings.pool_size:
+        return "warm pool: off (pool_size 0); set pool_size to keep sandboxes ready"
+    status = PoolClient(settings.state_root, timeout=10).status()
+    pools = [p for p in status["pools"] if p["kernel_name"] == kernel_name]
+    if not status["running"] or not pools:
+        return (f"warm pool: pool_size {settings.pool_size}, not started yet (the first kernel "
+                "start starts the agent)")
+    pool = pools[0]
+    return (f"warm pool: {pool['ready']} of {pool['target']} ready"
+            f"{', 1 starting' if pool['starting'] else ''}, holding "
+            f"{pool['memory_bytes'] / 2**20:.0f} MiB (agent pid {status.get('pid')})")
 
 
 def check_all(config: Any = None) -> list[RuntimeReport]:
