@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from . import batch, figures, probes, sshhost
+from . import batch, figures, pool, probes, sshhost
 from .figures import Plan, Progress
 from .kernels import LOCAL_KERNEL, Kernel, Kernels
 from .report import table, write_json, write_plot
@@ -33,6 +33,8 @@ BATCH_WALL = "papermill batch wall time"
 BATCH_IDEAL = "batch wall / ideal"
 BATCH_RSS = "batch: peak host RSS per VM"
 BATCH_DISK = "batch: peak overlay disk per VM"
+BATCH_POOL_WALL = "papermill batch wall time, warm pool on"
+BATCH_POOL_IDEAL = "batch wall / ideal, warm pool on"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +102,7 @@ def make_plan(runtime: str, args: argparse.Namespace) -> Plan:
         plan.snapshots = 0
     if runtime != "vm":
         plan.golden = 0
+    plan.pooled = (2 if args.quick else 5) if runtime in pool.POOL_ENV else 0
     return plan
 
 
@@ -180,6 +183,7 @@ async def run(args: argparse.Namespace, say: Progress, results: Results, meta: d
                         await figures.measure_runtime(run_)
                 else:
                     await figures.measure_runtime(run_)
+                    await pool.measure(run_, plan.pooled)
             except Exception as e:  # set-up failed (sshd, engine): record it, go on with the next
                 say(f"{runtime}: failed: {type(e).__name__}: {e}")
                 results.skip(figures.START, runtime, "s", f"failed: {type(e).__name__}: {e}")
@@ -231,6 +235,26 @@ async def run_batch(n: int, results: Results, say: Progress) -> None:
             note += f"; {len(done.failures)} of {n} failed, first: {done.failures[0][:200]}"
         results.row(BATCH_WALL, runtime, "s", note=note).samples.append(done.wall)
         say(f"batch: {n} on {kernel} took {done.wall:.1f} s")
+    if "vm" in single:
+        await run_pool_batch(n, notebook, env, single["vm"], results, say)
+
+
+async def run_pool_batch(n: int, notebook: Path, env: dict[str, str], one: float, results: Results,
+                         say: Progress) -> None:
+    """The VM batch again with a warm pool of one (the first papermill process starts the agent)."""
+    kernel = kernel_name("vm")
+    say(f"batch: {n} notebooks at once on {kernel} with NIXOS_VM_POOL_SIZE=1")
+    with pool.pool_on("vm"):
+        done = await batch.run(kernel, n, notebook, WORK_DIR / "batch-vm-pool",
+                               {**env, "NIXOS_VM_POOL_SIZE": "1"}, say)
+    ideal = n * one / 2
+    note = (f"{n} papermill processes, NIXOS_MAX_CONCURRENT_VMS=2, NIXOS_VM_POOL_SIZE=1; "
+            f"ideal {ideal:.0f} s as without the pool")
+    if done.failures:
+        note += f"; {len(done.failures)} of {n} failed, first: {done.failures[0][:200]}"
+    results.row(BATCH_POOL_WALL, "vm", "s", note=note).samples.append(done.wall)
+    results.row(BATCH_POOL_IDEAL, "vm", "x", baseline=None).samples.append(done.wall / ideal)
+    say(f"batch: {n} on {kernel} with the pool took {done.wall:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

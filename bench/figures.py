@@ -37,11 +37,16 @@ SNAP_CREATE = "snapshot create"
 SNAP_ROLLBACK = "snapshot rollback"
 DISK_SNAP_CREATE = "disk snapshot create"
 DISK_SNAP_ROLLBACK = "disk snapshot rollback"
+POOLED = "start-to-ready (warm pool)"
+REFILL = "warm pool: refill one sandbox"
+POOL_MEMORY = "warm pool: memory per idle sandbox"
 
 GOALS: dict[tuple[str, str], Goal] = {
     (START, "docker"): Goal("<=", 1.3),
     (START, "vm"): Goal("<=", 15),
     (GOLDEN, "vm"): Goal("<=", 4),
+    (POOLED, "vm"): Goal("<=", 1.2),
+    (POOLED, "docker"): Goal("<=", 1.0),
     (ROUNDTRIP, "ssh"): Goal("<=", 1.2),
     (ROUNDTRIP, "vm"): Goal("<=", 1.2),
     (STDOUT, "docker"): Goal(">=", 0.5),
@@ -54,9 +59,10 @@ GOALS: dict[tuple[str, str], Goal] = {
 
 UNITS = {START: "s", GOLDEN: "s", WARM: "s", SHUTDOWN: "s", ROUNDTRIP: "ms", STDOUT: "MiB/s", DISPLAY: "MiB/s",
          MEMORY: "MiB", DISK: "MiB", SNAP_CREATE: "s", SNAP_ROLLBACK: "s",
-         DISK_SNAP_CREATE: "s", DISK_SNAP_ROLLBACK: "s"}
+         DISK_SNAP_CREATE: "s", DISK_SNAP_ROLLBACK: "s", POOLED: "s", REFILL: "s", POOL_MEMORY: "MiB"}
 BASELINES = {GOLDEN: START, WARM: START, SNAP_CREATE: None, SNAP_ROLLBACK: None, DISK: None,
-             DISK_SNAP_CREATE: None, DISK_SNAP_ROLLBACK: None}
+             DISK_SNAP_CREATE: None, DISK_SNAP_ROLLBACK: None, POOLED: START, REFILL: None,
+             POOL_MEMORY: None}
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Plan:
     stdout_bytes: int
     display_bytes: int
     snapshots: int  # create/rollback pairs (0: the runtime has none)
+    pooled: int = 0  # starts from a warm pool of one (runtimes with pools)
 
 
 def row(results: Results, figure: str, runtime: str, note: str = "") -> Any:
