@@ -1,0 +1,266 @@
+"""Docker warm pools against the real Docker engine.
+
+Each test has its own state root, so the pool agent its kernel starts spawns is its own; the
+fixture stops it (``sandbox-kernels pool stop``) and checks that nothing pooled is left.
+Waits are on what the agent reports (``pool status``) or on the engine's state, never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers.kernels import run_cell, start, wait_until
+from helpers.pool import (CLI, agent_log, container_labels, containers, pool_status, pools_of,
+                          private_state_root, remove_state_root, wait_agent_gone, wait_pool)
+from sandbox_kernels import labels
+from sandbox_kernels.provisioning import start_progress
+
+pytestmark = pytest.mark.docker
+
+KERNEL = "sandbox-docker"
+SESSION_LABEL = f"{labels.SESSION}={os.environ.get('SANDBOX_KERNELS_SESSION', '')}"
+
+
+def _mounts_below(root: Path) -> list[str]:
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [p for p in (line.split()[4] for line in f) if p.startswith(prefix)]
+
+
+@pytest.fixture
+def pool_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private state root with the Docker pool on (2 members); the agent is stopped after."""
+    root = private_state_root()
+    monkeypatch.setenv("SANDBOX_KERNELS_STATE_DIR", str(root))
+    monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "2")
+    try:
+        yield root
+    finally:
+        try:
+            remove_state_root(root)
+        finally:
+            pooled = containers(f"{labels.POOLED}=1", SESSION_LABEL)
+            mounts = _mounts_below(root)
+            for cid in pooled:
+                subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
+            for point in mounts:
+                subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
+        assert not pooled, f"pooled containers left after `pool stop`: {pooled}"
+        assert not mounts, f"ipc mounts left under the test's state root: {mounts}"
+
+
+@pytest.fixture
+def phases() -> Iterator[list[dict[str, Any]]]:
+    """Every start phase reported in this process."""
+    seen: list[dict[str, Any]] = []
+    start_progress.add_sink(seen.append)
+    try:
+        yield seen
+    finally:
+        start_progress.remove_sink(seen.append)
+
+
+async def _started_cold_then_ready(root: Path, ready: int = 2) -> dict[str, Any]:
+    """A first start (no agent yet: cold, and it starts the agent), shut down; then the pool
+    fills. Returns the pool's status."""
+    km, kc = await start(KERNEL, timeout=120)
+    try:
+        assert km.provisioner.sandbox_id == km.kernel_id, "no agent ran: the first start is cold"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    return await wait_pool(root, KERNEL, ready=ready)
+
+
+async def test_a_start_claims_a_ready_sandbox(pool_root: Path, phases: list[dict[str, Any]]) -> None:
+    pool = await _started_cold_then_ready(pool_root)
+    ready_ids = pool["members"]
+    assert pool["memory_bytes"] > 0 and pool["target"] == 2, pool
+    shown = json.loads(subprocess.run([*CLI, "pool", "status", "--json"], capture_output=True, text=True,
+                                      check=True, timeout=120).stdout)
+    assert pools_of(shown, KERNEL)[0]["ready"] == 2 and pools_of(shown, KERNEL)[0]["memory_bytes"] > 0
+    for member in ready_ids:
+        (cid,) = containers(f"{labels.KERNEL_ID}={member}")
+        assert container_labels(cid)[labels.POOLED] == "1"
+    started = [await start(KERNEL, timeout=120) for _ in range(2)]
+    try:
+        for (km, kc), member in zip(started, ready_ids):
+            prov = km.provisioner
+            assert prov.sandbox_id == member != km.kernel_id, "the oldest ready member is claimed"
+            assert prov.sandbox_name == f"sandbox-kernels-{member}"
+            assert containers(f"{labels.KERNEL_ID}={member}", f"{labels.POOLED}=1")
+            out = await run_cell(kc, "import socket; print(socket.gethostname(), 6 * 7)")
+            assert out["stdout"] == f"sandbox-{member[:8]} 42\n", out
+            mine = [p["phase"] for p in phases if p["kernel_id"] == km.kernel_id]
+            assert mine[0] == "claimed" and mine[-1] == "ready" and "creating" not in mine, mine
+        keys = {km.session.key for km, _ in started}
+        assert len(keys) == 2, "two claimed kernels share an HMAC key"
+    finally:
+        for km, kc in started:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+    for member in ready_ids:
+        assert not containers(f"{labels.KERNEL_ID}={member}"), "a claimed kernel's container outlived it"
+        assert not (pool_root / member).exists(), "a claimed kernel's state directory outlived it"
+
+
+#: One process of a batch: start a kernel when told to, claim the container as its own by
+#: creating a file in it exclusively, report, and shut down when told to.
+_CLAIMER = textwrap.dedent("""
+    import asyncio, json, sys
+    from jupyter_client.manager import AsyncKernelManager
+
+    CODE = '''
+    import os, socket
+    try:
+        fd = os.open("/tmp/owner", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, {kid!r}.encode()); os.close(fd)
+    except FileExistsError:
+        pass
+    print(open("/tmp/owner").read(), socket.gethostname())
+    '''
+
+    async def main():
+        print("waiting", flush=True)
+        sys.stdin.readline()
+        km = AsyncKernelManager(kernel_name=sys.argv[1])
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=120)
+        out = []
+        reply = await kc.execute_interactive(CODE.format(kid=km.kernel_id), timeout=60,
+            output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+        print(json.dumps({"kernel_id": km.kernel_id, "sandbox_id": km.provisioner.sandbox_id,
+                          "status": reply["content"]["status"], "output": "".join(out)}), flush=True)
+        sys.stdin.readline()
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        print("done", flush=True)
+
+    asyncio.run(main())
+""")
+
+
+async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_root: Path) -> None:
+    pool = await _started_cold_then_ready(pool_root)
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, KERNEL], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    reports: list[dict[str, Any]] = []
+    try:
+        for proc in procs:  # all imported and waiting: then they start at once
+            assert await asyncio.to_thread(proc.stdout.readline) == "waiting\n"  # type: ignore[union-attr]
+        for proc in procs:
+            proc.stdin.write("go\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        for proc in procs:  # every kernel runs (none has shut down yet) before any reads on
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 300)  # type: ignore[union-attr]
+            assert line, f"a claiming process died; agent log:\n{agent_log(pool_root)}"
+            reports.append(json.loads(line))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.stdin.write("stop\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+        for proc in procs:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), 180)
+    sandboxes = [r["sandbox_id"] for r in reports]
+    assert len(set(sandboxes)) == 4, f"a sandbox was given to two kernels: {reports}"
+    claimed = [r for r in reports if r["sandbox_id"] != r["kernel_id"]]
+    assert len(claimed) >= 2 and {r["sandbox_id"] for r in claimed} >= set(pool["members"]), reports
+    for r in reports:
+        assert r["status"] == "ok", r
+        owner, hostname = r["output"].split()
+        assert owner == r["kernel_id"], f"kernel {r['kernel_id']} runs in another kernel's container"
+        assert hostname == f"sandbox-{r['sandbox_id'][:8]}"
+    assert [p.returncode for p in procs] == [0] * 4
+    for sandbox in sandboxes:
+        assert not containers(f"{labels.KERNEL_ID}={sandbox}"), "a container outlived its kernel"
+
+
+async def test_a_claimed_kernel_restarts_and_its_shutdown_removes_it(pool_root: Path) -> None:
+    pool = await _started_cold_then_ready(pool_root)
+    km, kc = await start(KERNEL, timeout=120)
+    member = km.provisioner.sandbox_id
+    try:
+        assert member == pool["members"][0]
+        await run_cell(kc, "x = 41")
+        await km.restart_kernel(now=True)
+        await kc.wait_for_ready(timeout=120)
+        out = await run_cell(kc, "print('x' in dir(), 6 * 7)")
+        assert out["stdout"] == "False 42\n", out
+        assert km.provisioner.sandbox_id == member and containers(f"{labels.KERNEL_ID}={member}")
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert not containers(f"{labels.KERNEL_ID}={member}")
+    assert not (pool_root / member).exists()
+
+
+async def test_a_configuration_change_drains_the_stale_members(pool_root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    old = await _started_cold_then_ready(pool_root)
+    monkeypatch.setenv("SANDBOX_DOCKER_MEMORY", "768m")
+    km, kc = await start(KERNEL, timeout=120)
+    try:
+        assert km.provisioner.sandbox_id == km.kernel_id, "a member of another memory size was claimed"
+
+        async def drained() -> bool:
+            return not any(containers(f"{labels.KERNEL_ID}={m}") for m in old["members"])
+
+        assert await wait_until(drained, timeout=120), "the stale members were not removed"
+        new = await wait_pool(pool_root, KERNEL, ready=1)
+        assert new["key"] != old["key"]
+        assert [p["key"] for p in pools_of(pool_status(pool_root), KERNEL)] == [new["key"]]
+        (cid,) = containers(f"{labels.KERNEL_ID}={new['members'][0]}")
+        memory = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.Memory}}", cid],
+                                capture_output=True, text=True, check=True, timeout=60).stdout
+        assert int(memory) == 768 * 2**20
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def test_an_idle_pool_expires_and_the_agent_exits(pool_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "1")
+    monkeypatch.setenv("SANDBOX_KERNELS_POOL_IDLE_TIMEOUT", "20")
+    pool = await _started_cold_then_ready(pool_root, ready=1)
+    (member,) = pool["members"]
+    assert containers(f"{labels.KERNEL_ID}={member}")
+    await wait_agent_gone(pool_root, timeout=180)  # nobody asks: the pool expires, the agent exits
+    assert not containers(f"{labels.KERNEL_ID}={member}"), "an expired pool's member was left"
+    assert pool_status(pool_root)["running"] is False
+    assert "pool_idle_timeout" in agent_log(pool_root)
+
+
+async def test_reap_takes_a_dead_claimers_sandbox_and_spares_a_live_pool(pool_root: Path) -> None:
+    from helpers.orphans import start_orphan
+
+    pool = await _started_cold_then_ready(pool_root)
+    claimed = pool["members"][0]
+    start_orphan(KERNEL)  # claims the oldest member, then its process is SIGKILLed
+    claimer = labels.claimed_by(str(pool_root / claimed))
+    assert claimer is not None and containers(f"{labels.KERNEL_ID}={claimed}")
+    live = (await wait_pool(pool_root, KERNEL, ready=2))["members"]
+    assert claimed not in live
+    reap = subprocess.run([*CLI, "reap", "--yes"], capture_output=True, text=True, timeout=300)
+    assert reap.returncode == 0, reap.stderr
+    assert not containers(f"{labels.KERNEL_ID}={claimed}"), f"the orphan was not reaped:\n{reap.stdout}"
+    for member in live:
+        assert containers(f"{labels.KERNEL_ID}={member}"), "reap removed a live agent's pooled sandbox"
+    assert (await wait_pool(pool_root, KERNEL, ready=2))["members"] == live
+
+
+def test_pool_stop_without_an_agent_says_so(pool_root: Path) -> None:
+    out = subprocess.run([*CLI, "pool", "stop"], capture_output=True, text=True, check=True, timeout=60)
+    assert "not running" in out.stdout
