@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import SandboxError
+from .pool.paths import AgentPaths
 from .runtimes import registry
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,10 @@ def _directories(found: list[OrphanFinder], live_kernels: set[str], min_age: flo
     for kind, root in _roots(found):  # orphans' files go once their domain or container is gone
         if not root.is_dir():
             continue
+        agent_dir = AgentPaths.for_state_root(str(root)).root  # the pool agent's socket and lock
         for entry in root.iterdir():
+            if entry == agent_dir:
+                continue
             # A kernel being created has files before its domain or socket exists: spare
             # anything younger than min_age.
             old_enough = entry.name in orphaned or _age(entry) >= min_age

@@ -253,11 +253,17 @@ async def test_reap_takes_a_dead_claimers_sandbox_and_spares_a_live_pool(pool_ro
     assert claimer is not None and containers(f"{labels.KERNEL_ID}={claimed}")
     live = (await wait_pool(pool_root, KERNEL, ready=2))["members"]
     assert claimed not in live
-    reap = subprocess.run([*CLI, "reap", "--yes"], capture_output=True, text=True, timeout=300)
+    # --min-age 0: what an agent that has run for longer than the default 600 s meets.
+    reap = subprocess.run([*CLI, "reap", "--yes", "--min-age", "0"], capture_output=True, text=True,
+                          timeout=300)
     assert reap.returncode == 0, reap.stderr
     assert not containers(f"{labels.KERNEL_ID}={claimed}"), f"the orphan was not reaped:\n{reap.stdout}"
+    assert not (pool_root / claimed).exists()
     for member in live:
         assert containers(f"{labels.KERNEL_ID}={member}"), "reap removed a live agent's pooled sandbox"
+        assert (pool_root / member).is_dir(), "reap removed a live pooled sandbox's state directory"
+    assert (pool_root / "pool" / "agent.sock").exists(), f"reap removed the live agent's socket:\n{reap.stdout}"
+    assert pool_status(pool_root)["running"]
     assert (await wait_pool(pool_root, KERNEL, ready=2))["members"] == live
 
 
