@@ -155,7 +155,7 @@ async def test_a_waiting_vm_kernel_reports_queued_with_its_place(monkeypatch: py
     from sandbox_kernels.provisioning import start_progress
     from sandbox_kernels.runtimes.vm.provisioner import LibvirtProvisioner
 
-    monkeypatch.setattr("sandbox_kernels.runtimes.vm.provisioner.slots_dir", lambda: slots)
+    monkeypatch.setattr("sandbox_kernels.runtimes.vm.pool_hooks.slots_dir", lambda: slots)
     held = try_acquire_slot(slots, 1)
     assert held is not None
     events: list[dict] = []

@@ -1,4 +1,5 @@
-"""The VM runtime's part in warm pools (see :mod:`sandbox_kernels.pool`).
+"""The VM runtime's part in warm pools (see :mod:`sandbox_kernels.pool`), and the VM slot a
+kernel or a pooled VM takes.
 
 A pooled VM holds one of the host's VM slots like any VM, so pools count toward
 ``NIXOS_MAX_CONCURRENT_VMS``; but a member never waits in the queue: it takes a free slot or
@@ -18,10 +19,30 @@ from ...pool.client import PoolClient
 from ...pool.warm_pool import SlotBusy
 from . import golden, slot_queue
 from .qemu_process import qemu_pid
-from .slots import VMSlot, slots_dir, try_acquire_slot
+from .slots import VMSlot, acquire_slot, slots_dir, try_acquire_slot
 
 if TYPE_CHECKING:
     from .provisioner import LibvirtProvisioner
+
+
+async def take_slot(prov: LibvirtProvisioner, purpose: str) -> VMSlot:
+    """A VM slot for ``prov``'s VM: a pool member's without waiting (:func:`member_slot`); a
+    kernel's in line, asking the pool to give a slot back once it has to wait. ``purpose``
+    names the waiter in the log."""
+    if prov.pool_member:
+        return await member_slot(prov)
+    limit = prov.max_concurrent_vms
+    asked: list[int] = []
+
+    def queued(position: int) -> None:
+        if position and not asked:
+            asked.append(position)
+            ask_pool_for_slot(prov)  # a pooled VM gives its slot back
+        prov.start_progress.phase(
+            "queued", f"waiting for a VM slot (all {limit} in use), place {position} in line",
+            queue_position=position)
+
+    return await acquire_slot(slots_dir(), limit, prov.queue_timeout, prov.log, purpose, queued)
 
 
 async def member_slot(prov: LibvirtProvisioner) -> VMSlot:

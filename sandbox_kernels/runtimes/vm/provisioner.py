@@ -33,7 +33,7 @@ from .golden_start import GoldenStart
 from .libvirt_conn import LibvirtHost
 from .machine import CONSOLE_LINES, Machine, assemble
 from .machine_parts import MachineConfig, MachineKeys, remove_files
-from .slots import VMSlot, acquire_slot, slots_dir
+from .slots import VMSlot
 from .snapshots import CAPABILITIES, VMSnapshots
 
 
@@ -226,23 +226,8 @@ class LibvirtProvisioner(SSHKernelProvisioner):
     async def take_slot(self, purpose: str) -> None:
         """Hold one of this host's VM slots (waiting in line if all are in use) until the VM
         is destroyed; ``purpose`` names the waiter in the log."""
-        if self._slot is None and self.pool_member:
-            self._slot = await pool_hooks.member_slot(self)
         if self._slot is None:
-            limit = self.max_concurrent_vms
-
-            def queued(position: int) -> None:
-                if position and not asked_pool:
-                    asked_pool.append(position)
-                    pool_hooks.ask_pool_for_slot(self)  # a pooled VM gives its slot back
-                self.start_progress.phase(
-                    "queued", f"waiting for a VM slot (all {limit} in use), place {position} in line",
-                    queue_position=position)
-
-            asked_pool: list[int] = []
-
-            self._slot = await acquire_slot(slots_dir(), limit, self.queue_timeout, self.log, purpose,
-                                            queued)
+            self._slot = await pool_hooks.take_slot(self, purpose)
 
     async def build_golden(self, rebuild: bool = False) -> golden.Golden:
         """Build this configuration's golden snapshot (see :meth:`GoldenStart.build`); the
