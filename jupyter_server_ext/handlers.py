@@ -7,6 +7,7 @@ Routes (under the server's base URL)::
     POST   /sandbox-kernels/api/kernels/{kernel_id}/snapshots/{name}/rollback
     DELETE /sandbox-kernels/api/kernels/{kernel_id}/snapshots/{name}
     GET    /sandbox-kernels/api/runtimes
+    GET    /sandbox-kernels/api/pool                                   (pool_handler.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Awaitable, Callable
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
+
+from jupyter_server_ext.pool_handler import PoolHandler
 
 from sandbox_kernels.errors import (
     SandboxConfigError,
@@ -161,4 +164,5 @@ def handlers() -> list[tuple[str, type]]:
         (rf"{base}/kernels/({_KERNEL})/snapshots/({_NAME})/rollback/?", RollbackHandler),
         (rf"{base}/kernels/({_KERNEL})/snapshots/({_NAME})/?", SnapshotHandler),
         (rf"{base}/runtimes/?", RuntimesHandler),
+        (rf"{base}/pool/?", PoolHandler),
     ]
