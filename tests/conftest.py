@@ -47,12 +47,26 @@ def nothing_leaked() -> Iterator[None]:
     """Fail the session if anything labelled as ours is left behind."""
     before = find_leaks()
     yield
+    _stop_pool_agent()
     after = find_leaks()
     leaked = {kind: sorted(set(items) - set(before.get(kind, []))) for kind, items in after.items()}
     leaked = {k: v for k, v in leaked.items() if v}
     remove_leaks(leaked)
     shutil.rmtree(os.environ["SANDBOX_KERNELS_STATE_DIR"], ignore_errors=True)
     assert not leaked, f"tests left these behind: {json.dumps(leaked, indent=1)}"
+
+
+def _stop_pool_agent() -> None:
+    """Stop the session state root's warm-pool agent if a test started one (a lab's or a
+    kernel's start does): its pooled sandboxes go before the leak check looks, and its
+    directory (socket, lock, log) is no kernel's state."""
+    from sandbox_kernels.pool.cli import wait_stopped
+    from sandbox_kernels.pool.client import PoolClient
+
+    client = PoolClient(os.environ["SANDBOX_KERNELS_STATE_DIR"])
+    if client.stop():
+        wait_stopped(client.paths, 300)
+    shutil.rmtree(client.paths.root, ignore_errors=True)
 
 
 @pytest.fixture
