@@ -72,6 +72,8 @@ class Agent:
         os.chmod(self.paths.socket, 0o600)
         server.listen(64)
         server.setblocking(False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.starting)
         log.info("Pool agent %d serving %s", os.getpid(), self.paths.socket)
         if first is not None:
             self.want(first)

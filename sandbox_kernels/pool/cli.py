@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -53,6 +54,8 @@ def serve(args: argparse.Namespace) -> int:
     agent = Agent(AgentPaths.for_state_root(args.state_root))
     if not agent.take_lock():
         logging.getLogger("sandbox_kernels.pool").info("Pool agent: another agent serves %s", agent.paths.root)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(agent.paths.starting)
         return 0
     asyncio.run(agent.run(first))
     return 0

@@ -12,12 +12,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 from ..errors import SandboxConnectionError, SandboxError
 from . import protocol
 from .paths import AgentPaths
 from .recipe import Recipe
+
+
+#: Seconds after which a start marker without an agent is stale.
+STARTING_STALE = 30.0
 
 
 class AgentNotRunning(SandboxConnectionError):
@@ -109,6 +114,8 @@ class PoolClient:
         """Start an agent in the background (its own session, logging to its log file), with
         ``recipe`` as its first pool. A second agent of the same state root exits at once."""
         self.paths.ensure()
+        if not self._mark_starting():
+            return  # another process is starting one right now
         log_fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             proc = subprocess.Popen(
@@ -125,3 +132,19 @@ class PoolClient:
             proc.stdin.close()
         except BrokenPipeError:
             pass
+
+    def _mark_starting(self) -> bool:
+        """Claim the right to start the agent (a marker the agent removes once it serves), so
+        that twenty papermill processes starting at once start one agent, not twenty."""
+        for _ in range(2):
+            try:
+                os.close(os.open(self.paths.starting, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - os.lstat(self.paths.starting).st_mtime < STARTING_STALE:
+                        return False
+                    os.unlink(self.paths.starting)  # an agent that died starting
+                except FileNotFoundError:
+                    continue
+        return False

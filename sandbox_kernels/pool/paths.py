@@ -35,6 +35,11 @@ class AgentPaths:
         return self.root / "agent.lock"
 
     @property
+    def starting(self) -> Path:
+        """Present while a process starts the agent (see ``PoolClient.start_agent``)."""
+        return self.root / "starting"
+
+    @property
     def log(self) -> Path:
         """The log of an agent started on demand."""
         return self.root / "agent.log"
