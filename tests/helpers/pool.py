@@ -120,8 +120,11 @@ def private_state_root() -> Path:
 def pool_cli(state_root: Path | str, *args: str, timeout: float = 360) -> subprocess.CompletedProcess[str]:
     """Run ``sandbox-kernels pool ARGS`` for ``state_root``'s agent."""
     env = {**os.environ, "SANDBOX_KERNELS_STATE_DIR": str(state_root)}
-    return subprocess.run([*CLI, "pool", "--state-root", str(state_root), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run([*CLI, "pool", "--state-root", str(state_root), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (f"`sandbox-kernels pool {' '.join(args)}` failed ({done.returncode}):\n"
+                                  f"{done.stdout}{done.stderr}\nagent log:\n{agent_log(state_root)}")
+    return done
 
 
 def pool_status(state_root: Path | str) -> dict[str, Any]:
