@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,70 +18,30 @@ from typing import Any, Iterator
 import pytest
 
 from helpers.kernels import run_cell, start, wait_until
-from helpers.pool import (CLI, agent_log, container_labels, containers, pool_status, pools_of,
-                          private_state_root, remove_state_root, wait_agent_gone, wait_pool)
+from helpers.pool import (CLI, agent_log, container_labels, containers, docker_pool_root, fill_pool,
+                          pool_status, pools_of, start_phases, wait_agent_gone, wait_pool)
 from sandbox_kernels import labels
-from sandbox_kernels.provisioning import start_progress
 
 pytestmark = pytest.mark.docker
 
 KERNEL = "sandbox-docker"
-SESSION_LABEL = f"{labels.SESSION}={os.environ.get('SANDBOX_KERNELS_SESSION', '')}"
-
-
-def _mounts_below(root: Path) -> list[str]:
-    prefix = os.path.realpath(root).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [p for p in (line.split()[4] for line in f) if p.startswith(prefix)]
 
 
 @pytest.fixture
 def pool_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private state root with the Docker pool on (2 members); the agent is stopped after."""
-    root = private_state_root()
-    monkeypatch.setenv("SANDBOX_KERNELS_STATE_DIR", str(root))
-    monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "2")
-    try:
+    with docker_pool_root(monkeypatch, 2) as root:
         yield root
-    finally:
-        try:
-            remove_state_root(root)
-        finally:
-            pooled = containers(f"{labels.POOLED}=1", SESSION_LABEL)
-            mounts = _mounts_below(root)
-            for cid in pooled:
-                subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
-            for point in mounts:
-                subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
-        assert not pooled, f"pooled containers left after `pool stop`: {pooled}"
-        assert not mounts, f"ipc mounts left under the test's state root: {mounts}"
 
 
 @pytest.fixture
 def phases() -> Iterator[list[dict[str, Any]]]:
-    """Every start phase reported in this process."""
-    seen: list[dict[str, Any]] = []
-    start_progress.add_sink(seen.append)
-    try:
+    with start_phases() as seen:
         yield seen
-    finally:
-        start_progress.remove_sink(seen.append)
-
-
-async def _started_cold_then_ready(root: Path, ready: int = 2) -> dict[str, Any]:
-    """A first start (no agent yet: cold, and it starts the agent), shut down; then the pool
-    fills. Returns the pool's status."""
-    km, kc = await start(KERNEL, timeout=120)
-    try:
-        assert km.provisioner.sandbox_id == km.kernel_id, "no agent ran: the first start is cold"
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-    return await wait_pool(root, KERNEL, ready=ready)
 
 
 async def test_a_start_claims_a_ready_sandbox(pool_root: Path, phases: list[dict[str, Any]]) -> None:
-    pool = await _started_cold_then_ready(pool_root)
+    pool = await fill_pool(pool_root, KERNEL)
     ready_ids = pool["members"]
     assert pool["memory_bytes"] > 0 and pool["target"] == 2, pool
     shown = json.loads(subprocess.run([*CLI, "pool", "status", "--json"], capture_output=True, text=True,
@@ -152,7 +111,7 @@ _CLAIMER = textwrap.dedent("""
 
 
 async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_root: Path) -> None:
-    pool = await _started_cold_then_ready(pool_root)
+    pool = await fill_pool(pool_root, KERNEL)
     procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, KERNEL], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     reports: list[dict[str, Any]] = []
@@ -188,7 +147,7 @@ async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_roo
 
 
 async def test_a_claimed_kernel_restarts_and_its_shutdown_removes_it(pool_root: Path) -> None:
-    pool = await _started_cold_then_ready(pool_root)
+    pool = await fill_pool(pool_root, KERNEL)
     km, kc = await start(KERNEL, timeout=120)
     member = km.provisioner.sandbox_id
     try:
@@ -208,7 +167,7 @@ async def test_a_claimed_kernel_restarts_and_its_shutdown_removes_it(pool_root: 
 
 async def test_a_configuration_change_drains_the_stale_members(pool_root: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    old = await _started_cold_then_ready(pool_root)
+    old = await fill_pool(pool_root, KERNEL)
     monkeypatch.setenv("SANDBOX_DOCKER_MEMORY", "768m")
     km, kc = await start(KERNEL, timeout=120)
     try:
@@ -234,7 +193,7 @@ async def test_an_idle_pool_expires_and_the_agent_exits(pool_root: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "1")
     monkeypatch.setenv("SANDBOX_KERNELS_POOL_IDLE_TIMEOUT", "20")
-    pool = await _started_cold_then_ready(pool_root, ready=1)
+    pool = await fill_pool(pool_root, KERNEL, ready=1)
     (member,) = pool["members"]
     assert containers(f"{labels.KERNEL_ID}={member}")
     await wait_agent_gone(pool_root, timeout=180)  # nobody asks: the pool expires, the agent exits
@@ -246,7 +205,7 @@ async def test_an_idle_pool_expires_and_the_agent_exits(pool_root: Path,
 async def test_reap_takes_a_dead_claimers_sandbox_and_spares_a_live_pool(pool_root: Path) -> None:
     from helpers.orphans import start_orphan
 
-    pool = await _started_cold_then_ready(pool_root)
+    pool = await fill_pool(pool_root, KERNEL)
     claimed = pool["members"][0]
     start_orphan(KERNEL)  # claims the oldest member, then its process is SIGKILLed
     claimer = labels.claimed_by(str(pool_root / claimed))

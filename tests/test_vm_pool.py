@@ -7,7 +7,6 @@ Each test has its own state root (its own agent), stopped by the fixture.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator

@@ -8,6 +8,7 @@ bounded by a timeout; nothing sleeps to let something happen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sandbox_kernels.errors import SandboxTimeout
 
@@ -196,3 +197,61 @@ def container_labels(ref: str) -> dict[str, str]:
     out = subprocess.run(["docker", "inspect", "-f", "{{json .Config.Labels}}", ref],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return json.loads(out)
+
+
+def _mounts_below(root: Path) -> list[str]:
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [p for p in (line.split()[4] for line in f) if p.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def docker_pool_root(monkeypatch: Any, size: int = 2) -> Iterator[Path]:
+    """A private state root with the Docker pool on (``size`` members), for one test; after
+    it, ``pool stop``, and no pooled container of this session or ipc mount under the root may
+    be left (they are removed, then the test fails)."""
+    session = f"sandbox-kernels.session={os.environ.get('SANDBOX_KERNELS_SESSION', '')}"
+    root = private_state_root()
+    monkeypatch.setenv("SANDBOX_KERNELS_STATE_DIR", str(root))
+    monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", str(size))
+    try:
+        yield root
+    finally:
+        try:
+            remove_state_root(root)
+        finally:
+            pooled = containers("sandbox-kernels.pooled=1", session)
+            mounts = _mounts_below(root)
+            for cid in pooled:
+                subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
+            for point in mounts:
+                subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
+        assert not pooled, f"pooled containers left after `pool stop`: {pooled}"
+        assert not mounts, f"ipc mounts left under the test's state root: {mounts}"
+
+
+async def fill_pool(root: Path, kernel_name: str, ready: int = 2) -> dict[str, Any]:
+    """A first start (no agent yet: it starts cold and starts the agent), shut down at once;
+    then wait until the pool has ``ready`` members. Returns the pool's status."""
+    from helpers.kernels import start
+
+    km, kc = await start(kernel_name, timeout=240)
+    try:
+        assert km.provisioner.sandbox_id == km.kernel_id, "no agent ran: the first start is cold"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    return await wait_pool(root, kernel_name, ready=ready)
+
+
+@contextlib.contextmanager
+def start_phases() -> Iterator[list[dict[str, Any]]]:
+    """Every start phase this process reports meanwhile."""
+    from sandbox_kernels.provisioning import start_progress
+
+    seen: list[dict[str, Any]] = []
+    start_progress.add_sink(seen.append)
+    try:
+        yield seen
+    finally:
+        start_progress.remove_sink(seen.append)
