@@ -47,6 +47,7 @@ class Agent:
         self.pools: dict[str, WarmPool] = {}
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
+        self._draining: set[asyncio.Future[None]] = set()  # stale pools being drained
 
     def take_lock(self) -> bool:
         """Become the state root's agent; False if another one is."""
@@ -107,7 +108,9 @@ class Agent:
                     log.info("Pool %s: its configuration changed (now pool %s); removing its sandboxes",
                              other.key, key)
                     del self.pools[other.key]
-                    asyncio.ensure_future(shielded(other.drain()))
+                    task = asyncio.ensure_future(shielded(other.drain()))
+                    self._draining.add(task)
+                    task.add_done_callback(self._draining.discard)
         pool.want(recipe)
         return pool
 
@@ -116,6 +119,8 @@ class Agent:
         pools, self.pools = list(self.pools.values()), {}
         for pool in pools:
             await pool.drain()
+        while self._draining:  # stale pools (see want) go before the agent exits too
+            await asyncio.gather(*self._draining, return_exceptions=True)
 
     async def _expire(self) -> None:
         for key, pool in list(self.pools.items()):

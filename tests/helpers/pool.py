@@ -39,6 +39,11 @@ class FakeMembers:
         self.gate: asyncio.Event | None = None
         #: descriptors a hand-over passes along (made per member by this factory)
         self.fds: Callable[[], list[int]] = list
+        #: loop turns a destroy takes, by the member's memory setting (default 1): a removal
+        #: that is still under way when something else is checked
+        self.destroy_turns: dict[str, int] = {}
+        #: where the members' state directories go (a hand-over names one, as a real one does)
+        self.state_root: Path | None = None
 
     def hold(self) -> None:
         """Make the next starts wait until :meth:`release`."""
@@ -91,10 +96,14 @@ class FakeMember:
         assert not self.destroyed, f"member {self.id} handed over after it was destroyed"
         await asyncio.sleep(0)  # let other claims run meanwhile, as a real detach does
         self.handed_over += 1
-        return {"id": self.id}, self.world.fds()
+        root = self.world.state_root or Path(tempfile.gettempdir())
+        state_dir = root / self.id
+        state_dir.mkdir(mode=0o700, exist_ok=True)
+        return {"id": self.id, "provisioner_info": {"state_dir": str(state_dir)}}, self.world.fds()
 
     async def destroy(self) -> None:
-        await asyncio.sleep(0)
+        for _ in range(self.world.destroy_turns.get(self.recipe.settings.get("memory", ""), 1)):
+            await asyncio.sleep(0)
         self.destroyed = True
 
     async def memory_bytes(self) -> int:

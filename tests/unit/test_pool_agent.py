@@ -38,8 +38,9 @@ def claim(r: Recipe) -> dict[str, Any]:
 
 
 @pytest.fixture
-def members(monkeypatch: pytest.MonkeyPatch) -> FakeMembers:
+def members(monkeypatch: pytest.MonkeyPatch, state_root: Path) -> FakeMembers:
     fake = FakeMembers()
+    fake.state_root = state_root
     monkeypatch.setattr(warm_pool, "Member", fake.member_class())
     monkeypatch.setattr(warm_pool, "RETRY_FIRST", 0.01)
     return fake
@@ -210,6 +211,28 @@ async def test_stop_drains_everything(state_root: Path, members: FakeMembers,
         assert await agent.handle({"op": "stop"}) == ({"ok": True}, [])
         await asyncio.wait_for(run, 10)
         assert all(m.destroyed for m in kept)
+    finally:
+        run.cancel()
+
+
+async def test_stop_right_after_a_configuration_change_removes_the_stale_members_too(
+        state_root: Path, members: FakeMembers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's process ends when :meth:`Agent.run` returns (``asyncio.run`` cancels what
+    is left): a stale pool still being drained then must be finished first."""
+    monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
+    agent = Agent(AgentPaths.for_state_root(str(state_root)))
+    assert agent.take_lock()
+    old = recipe(size=2, memory="1g")
+    run = asyncio.ensure_future(agent.run(old))
+    try:
+        await until(lambda: old.key() in agent.pools, what="the first pool")
+        stale = list((await _filled(agent, old)).ready)
+        members.destroy_turns["1g"] = 1000  # the stale members take a while to go
+        await agent.handle(claim(recipe(size=2, memory="2g")))
+        await agent.handle({"op": "stop"})
+        await asyncio.wait_for(run, 30)
+        left = [m.id for m in stale if not m.destroyed]
+        assert not left, f"the agent exited with stale members still there: {left}"
     finally:
         run.cancel()
 
