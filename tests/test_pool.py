@@ -110,20 +110,22 @@ _CLAIMER = textwrap.dedent("""
 """)
 
 
-async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_root: Path) -> None:
-    pool = await fill_pool(pool_root, KERNEL)
+async def _claim_at_once(root: Path, n: int) -> list[dict[str, Any]]:
+    """``n`` processes start a kernel each at the same moment (all imported and waiting
+    first); each reports once its kernel ran code, and all run at once before any shuts down.
+    Checks what must hold whatever was claimed; returns the reports."""
     procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, KERNEL], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
     reports: list[dict[str, Any]] = []
     try:
-        for proc in procs:  # all imported and waiting: then they start at once
+        for proc in procs:
             assert await asyncio.to_thread(proc.stdout.readline) == "waiting\n"  # type: ignore[union-attr]
         for proc in procs:
             proc.stdin.write("go\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
-        for proc in procs:  # every kernel runs (none has shut down yet) before any reads on
+        for proc in procs:
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 300)  # type: ignore[union-attr]
-            assert line, f"a claiming process died; agent log:\n{agent_log(pool_root)}"
+            assert line, f"a claiming process died; agent log:\n{agent_log(root)}"
             reports.append(json.loads(line))
     finally:
         for proc in procs:
@@ -133,17 +135,32 @@ async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_roo
         for proc in procs:
             await asyncio.wait_for(asyncio.to_thread(proc.wait), 180)
     sandboxes = [r["sandbox_id"] for r in reports]
-    assert len(set(sandboxes)) == 4, f"a sandbox was given to two kernels: {reports}"
-    claimed = [r for r in reports if r["sandbox_id"] != r["kernel_id"]]
-    assert len(claimed) >= 2 and {r["sandbox_id"] for r in claimed} >= set(pool["members"]), reports
+    assert len(set(sandboxes)) == n, f"a sandbox was given to two kernels: {reports}"
     for r in reports:
         assert r["status"] == "ok", r
         owner, hostname = r["output"].split()
         assert owner == r["kernel_id"], f"kernel {r['kernel_id']} runs in another kernel's container"
         assert hostname == f"sandbox-{r['sandbox_id'][:8]}"
-    assert [p.returncode for p in procs] == [0] * 4
+    assert [p.returncode for p in procs] == [0] * n
     for sandbox in sandboxes:
         assert not containers(f"{labels.KERNEL_ID}={sandbox}"), "a container outlived its kernel"
+    return reports
+
+
+async def test_several_processes_claiming_at_once_never_share_a_sandbox(pool_root: Path) -> None:
+    pool = await fill_pool(pool_root, KERNEL)
+    reports = await _claim_at_once(pool_root, 4)
+    claimed = [r for r in reports if r["sandbox_id"] != r["kernel_id"]]
+    assert len(claimed) >= 2 and {r["sandbox_id"] for r in claimed} >= set(pool["members"]), reports
+
+
+async def test_processes_that_find_no_agent_share_one(pool_root: Path) -> None:
+    """Four processes start at once with no agent: every kernel works, and one agent serves
+    the pool they all asked for."""
+    await _claim_at_once(pool_root, 4)
+    await wait_pool(pool_root, KERNEL, ready=2)
+    serving = [line for line in agent_log(pool_root).splitlines() if " serving " in line]
+    assert len(serving) == 1, f"more than one agent served:\n{agent_log(pool_root)}"
 
 
 async def test_a_claimed_kernel_restarts_and_its_shutdown_removes_it(pool_root: Path) -> None:
