@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -208,15 +210,44 @@ async def test_a_configuration_change_drains_the_stale_members(pool_root: Path,
 
 async def test_an_idle_pool_expires_and_the_agent_exits(pool_root: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody asks: the pool expires, its members go and the agent exits; a kernel claimed
+    from it before is no member any more and runs on."""
     monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "1")
     monkeypatch.setenv("SANDBOX_KERNELS_POOL_IDLE_TIMEOUT", "20")
-    pool = await fill_pool(pool_root, KERNEL, ready=1)
-    (member,) = pool["members"]
-    assert containers(f"{labels.KERNEL_ID}={member}")
-    await wait_agent_gone(pool_root, timeout=180)  # nobody asks: the pool expires, the agent exits
-    assert not containers(f"{labels.KERNEL_ID}={member}"), "an expired pool's member was left"
-    assert pool_status(pool_root)["running"] is False
-    assert "pool_idle_timeout" in agent_log(pool_root)
+    first = (await fill_pool(pool_root, KERNEL, ready=1))["members"][0]
+    km, kc = await start(KERNEL, timeout=120)
+    try:
+        assert km.provisioner.sandbox_id == first
+        pool = await wait_pool(pool_root, KERNEL, ready=1)  # refilled
+        (member,) = pool["members"]
+        assert containers(f"{labels.KERNEL_ID}={member}")
+        await wait_agent_gone(pool_root, timeout=180)
+        assert not containers(f"{labels.KERNEL_ID}={member}"), "an expired pool's member was left"
+        assert pool_status(pool_root)["running"] is False
+        assert "pool_idle_timeout" in agent_log(pool_root)
+        out = await run_cell(kc, "print(6 * 7)")
+        assert out["stdout"] == "42\n", "the agent's exit took a claimed kernel with it"
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert not containers(f"{labels.KERNEL_ID}={first}")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_an_agent_that_is_killed_leaves_nothing(pool_root: Path, how: str) -> None:
+    """SIGTERM: the agent removes its members and exits. SIGKILL: it cannot, and its members
+    are orphans that `reap` removes (their owner, the agent, is gone)."""
+    pool = await fill_pool(pool_root, KERNEL)
+    pid = pool_status(pool_root)["pid"]
+    os.kill(pid, getattr(signal, how))
+    await wait_agent_gone(pool_root, timeout=180)
+    if how == "SIGKILL":
+        assert all(containers(f"{labels.KERNEL_ID}={m}") for m in pool["members"])
+        reap = subprocess.run([*CLI, "reap", "--yes"], capture_output=True, text=True, timeout=300)
+        assert reap.returncode == 0, reap.stderr
+    for member in pool["members"]:
+        assert not containers(f"{labels.KERNEL_ID}={member}"), f"{how}: member {member} was left"
+        assert not (pool_root / member).exists(), f"{how}: member {member}'s state directory was left"
 
 
 async def test_reap_takes_a_dead_claimers_sandbox_and_spares_a_live_pool(pool_root: Path) -> None:
