@@ -277,3 +277,44 @@ async def test_reap_takes_a_dead_claimers_sandbox_and_spares_a_live_pool(pool_ro
 def test_pool_stop_without_an_agent_says_so(pool_root: Path) -> None:
     out = subprocess.run([*CLI, "pool", "stop"], capture_output=True, text=True, check=True, timeout=60)
     assert "not running" in out.stdout
+
+
+async def test_a_pool_from_the_jupyter_config_on_gvisor(pool_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool is a setting like any other (here the admin's Jupyter config, not the
+    environment), and gVisor kernels claim from it: the member runs under runsc."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
+
+    monkeypatch.delenv("SANDBOX_DOCKER_POOL_SIZE")
+    config = Config({"GVisorProvisioner": {"pool_size": 1}})
+
+    async def start_gvisor() -> tuple[Any, Any]:
+        km = AsyncKernelManager(kernel_name="sandbox-gvisor", config=config)
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=240)
+        except BaseException:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+            raise
+        return km, kc
+
+    km, kc = await start_gvisor()
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+    (member,) = (await wait_pool(pool_root, "sandbox-gvisor", ready=1))["members"]
+    (cid,) = containers(f"{labels.KERNEL_ID}={member}")
+    runtime = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.Runtime}}", cid],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert runtime.startswith("runsc"), runtime
+    km, kc = await start_gvisor()
+    try:
+        assert km.provisioner.sandbox_id == member
+        out = await run_cell(kc, "print(6 * 7)", timeout=120)
+        assert out["stdout"] == "42\n", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert not containers(f"{labels.KERNEL_ID}={member}")
