@@ -48,6 +48,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self._draining: set[asyncio.Future[None]] = set()  # stale pools being drained
+        self._serving: set[asyncio.Future[None]] = set()  # requests being answered
 
     def take_lock(self) -> bool:
         """Become the state root's agent; False if another one is."""
@@ -92,6 +93,8 @@ class Agent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
+            if self._serving:  # answer what was accepted (`pool stop` itself) before exiting
+                await asyncio.gather(*self._serving, return_exceptions=True)
             await shielded(self.drain_all())
             log.info("Pool agent %d stopped", os.getpid())
 
@@ -134,7 +137,9 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(server)
-            asyncio.ensure_future(self._serve(conn))
+            task = asyncio.ensure_future(self._serve(conn))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
         conn.setblocking(True)

@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +18,7 @@ import pytest
 from helpers.pool import FakeMembers, until
 from sandbox_kernels.errors import SandboxError, SandboxStartError
 from sandbox_kernels.pool import agent as agent_module
+from sandbox_kernels.pool import protocol
 from sandbox_kernels.pool import warm_pool
 from sandbox_kernels.pool.agent import Agent
 from sandbox_kernels.pool.client import PoolClient
@@ -278,3 +281,40 @@ async def test_over_the_socket_a_claim_passes_its_descriptors(state_root: Path, 
         run.cancel()
         for r_fd, _ in pipes:
             os.close(r_fd)
+
+
+def test_a_request_is_answered_before_the_agent_exits(state_root: Path, members: FakeMembers,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pool stop`` gets its answer even when the agent has nothing to remove and exits at
+    once: the agent runs under ``asyncio.run`` (which cancels what is left when ``run``
+    returns), and the reply's thread starts late, as on a loaded host."""
+    monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
+    real = agent_module.to_thread
+
+    async def late_replies(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is protocol.send:
+            for _ in range(100):
+                await asyncio.sleep(0)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(agent_module, "to_thread", late_replies)
+    agent = Agent(AgentPaths.for_state_root(str(state_root)))
+    assert agent.take_lock()
+    client = PoolClient(str(state_root), timeout=10)
+    answered: list[Any] = []
+
+    def stop() -> None:
+        deadline = time.monotonic() + 10
+        try:
+            while not client.running():
+                assert time.monotonic() < deadline, "the agent did not come up"
+                time.sleep(0.01)
+            answered.append(client.stop())
+        except BaseException as e:  # the agent then ends at its idle timeout
+            answered.append(e)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    asyncio.run(agent.run(recipe(size=0, idle=5.0)))  # in the main thread, as `pool serve` runs it
+    thread.join(10)
+    assert answered == [True], f"`pool stop` got no answer: {answered}"
