@@ -318,3 +318,25 @@ async def test_a_pool_from_the_jupyter_config_on_gvisor(pool_root: Path, monkeyp
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
     assert not containers(f"{labels.KERNEL_ID}={member}")
+
+
+async def test_a_member_that_died_in_the_pool_is_not_handed_out(pool_root: Path) -> None:
+    """A ready member whose container was killed while it waited (the engine restarted, an
+    admin's `docker kill`, the OOM killer) must not fail the start that claims it."""
+    pool = await fill_pool(pool_root, KERNEL)
+    dead = pool["members"][0]
+    subprocess.run(["docker", "kill", containers(f"{labels.KERNEL_ID}={dead}")[0]], check=True,
+                   capture_output=True, timeout=60)
+    km, kc = await start(KERNEL, timeout=120)
+    try:
+        assert km.provisioner.sandbox_id == pool["members"][1], "the live member is claimed instead"
+        out = await run_cell(kc, "print(6 * 7)")
+        assert out["stdout"] == "42\n", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+    async def removed() -> bool:
+        return not containers(f"{labels.KERNEL_ID}={dead}")
+
+    assert await wait_until(removed, timeout=120), "the dead member was left"

@@ -167,6 +167,10 @@ class Agent:
         if op == "claim":
             pool = self.want(Recipe.from_dict(request["recipe"]))
             member = pool.take()
+            while member is not None and not await member.alive():
+                log.warning("Pool %s: sandbox %s died while it waited; removing it", pool.key, member.id)
+                await shielded(member.destroy())
+                member = pool.take()
             if member is None:
                 return {"member": None}, []
             try:

@@ -81,6 +81,12 @@ class Member:
         self.km.provisioner = None
         return member, fds
 
+    async def alive(self) -> bool:
+        """Whether its sandbox and kernel still run (a member can die while it waits: the
+        engine restarted, the OOM killer); asked before it is handed over."""
+        provisioner = self.km.provisioner
+        return provisioner is not None and await provisioner.poll() is None
+
     async def destroy(self) -> None:
         """Remove the sandbox and the kernel (idempotent)."""
         provisioner, self.km.provisioner = self.km.provisioner, None

@@ -77,7 +77,7 @@ class FakeMember:
         self.id = str(uuid.uuid4())
         self.recipe = recipe
         self.world = world
-        self.started = self.destroyed = False
+        self.started = self.destroyed = self.dead = False
         self.handed_over = 0
         self.ready_since: float | None = None
         world.made.append(self)
@@ -91,6 +91,10 @@ class FakeMember:
             raise self.world.failures.pop(0)
         self.started = True
         self.ready_since = time.monotonic()
+
+    async def alive(self) -> bool:
+        await asyncio.sleep(0)
+        return not self.dead
 
     async def hand_over(self) -> tuple[dict[str, Any], list[int]]:
         assert not self.destroyed, f"member {self.id} handed over after it was destroyed"

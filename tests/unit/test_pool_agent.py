@@ -88,6 +88,17 @@ async def test_a_ready_member_is_handed_out_once(agent: Agent, members: FakeMemb
     await agent.drain_all()
 
 
+async def test_a_member_that_died_waiting_is_removed_not_handed_out(agent: Agent, members: FakeMembers) -> None:
+    r = recipe(size=2)
+    pool = await _filled(agent, r)
+    dead, alive = pool.ready
+    dead.dead = True
+    reply, _ = await agent.handle(claim(r))
+    assert reply["member"]["id"] == alive.id
+    assert dead.destroyed and not dead.handed_over
+    await agent.drain_all()
+
+
 async def test_concurrent_claims_never_share_a_member(agent: Agent, members: FakeMembers) -> None:
     r = recipe(size=4)
     await _filled(agent, r)
