@@ -102,6 +102,11 @@ async def test_a_claimed_kernel_filling_its_ipc_dir_spoils_nothing_else(pool_roo
         assert out["status"] == "ok", out
         report = json.loads(out["stdout"].strip().splitlines()[-1])
         assert report["error"], f"the ipc directory took 8 GiB without refusing: {report}"
+        # Nothing of the agent or of the other members is in the kernel's reach.
+        other_dir = pool_root / pool["members"][1]
+        probe = (f"import os; print([os.path.exists(p) for p in ({str(pool_root / 'pool' / 'agent.sock')!r}, "
+                 f"{str(pool_root / 'pool')!r}, {str(other_dir)!r})])")
+        assert (await run_cell(kc, probe))["stdout"] == "[False, False, False]\n"
         other, other_kc = await start(KERNEL, timeout=docker_attacks.STEP_TIMEOUT)
         try:
             assert other.provisioner.sandbox_id == pool["members"][1]
