@@ -18,10 +18,13 @@ OWNER_HOST = f"{PREFIX}.owner-host"
 SESSION = f"{PREFIX}.session"
 #: On a warm-pool member's sandbox: its owner is whoever claimed it (see :func:`owner_alive`).
 POOLED = f"{PREFIX}.pooled"
+#: On a warm-pool member's sandbox: the state root whose agent made it (where its claim is
+#: recorded), so a ``reap`` run with another state root judges it right.
+STATE_ROOT = f"{PREFIX}.state-root"
 DOMAIN_PREFIX = f"{PREFIX}-"
 
 
-def owner_labels(kernel_id: str, runtime: str, pooled: bool = False) -> dict[str, str]:
+def owner_labels(kernel_id: str, runtime: str, pooled: bool = False, state_root: str = "") -> dict[str, str]:
     """Docker-style labels for a kernel's sandbox, naming the process that owns it (the pool
     agent, for a pooled sandbox, until a kernel claims it)."""
     found = {
@@ -35,6 +38,8 @@ def owner_labels(kernel_id: str, runtime: str, pooled: bool = False) -> dict[str
         found[SESSION] = session
     if pooled:
         found[POOLED] = "1"
+        if state_root:
+            found[STATE_ROOT] = state_root
     return found
 
 
@@ -47,14 +52,16 @@ def owner_alive(labels: dict[str, str], state_root: str | None = None) -> bool:
 
     A pooled sandbox (:data:`POOLED`) belongs to the pool agent that made it until a kernel
     claims it; from then on to the claiming process, whose pid is in the :data:`CLAIMED_BY`
-    file of its state directory under ``state_root``.
+    file of its state directory under its own state root (:data:`STATE_ROOT`), else under
+    ``state_root``.
     """
     if labels.get(OWNER_HOST) != socket.gethostname():
         return True  # another host's: never ours to judge
     try:
         pid = int(labels.get(OWNER_PID, "0"))
-        if labels.get(POOLED) and state_root:
-            claimed = claimed_by(os.path.join(state_root, labels.get(KERNEL_ID, "")))
+        root = labels.get(STATE_ROOT) or state_root
+        if labels.get(POOLED) and root:
+            claimed = claimed_by(os.path.join(root, labels.get(KERNEL_ID, "")))
             pid = claimed if claimed is not None else pid
     except ValueError:
         return False

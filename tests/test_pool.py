@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import pytest
 
 from helpers.kernels import run_cell, start, wait_until
 from helpers.pool import (CLI, agent_log, container_labels, containers, docker_pool_root, fill_pool,
-                          pool_status, pools_of, start_phases, wait_agent_gone, wait_pool)
+                          pool_status, pools_of, private_state_root, start_phases, wait_agent_gone,
+                          wait_pool)
 from sandbox_kernels import labels
 
 pytestmark = pytest.mark.docker
@@ -340,3 +342,27 @@ async def test_a_member_that_died_in_the_pool_is_not_handed_out(pool_root: Path)
         return not containers(f"{labels.KERNEL_ID}={dead}")
 
     assert await wait_until(removed, timeout=120), "the dead member was left"
+
+
+async def test_reap_from_another_state_root_spares_a_claimed_kernel(pool_root: Path, tmp_path: Path) -> None:
+    """A claimed kernel whose agent has exited belongs to its claimer alone; a `reap` run with
+    another state root (another server's, a shell's default) must not take it."""
+    (member,) = (await fill_pool(pool_root, KERNEL, ready=2))["members"][:1]
+    km, kc = await start(KERNEL, timeout=120)
+    try:
+        assert km.provisioner.sandbox_id == member
+        stop = subprocess.run([*CLI, "pool", "stop"], capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stderr
+        other = private_state_root()
+        try:
+            reap = subprocess.run([*CLI, "reap", "--yes"], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "SANDBOX_KERNELS_STATE_DIR": str(other)})
+        finally:
+            shutil.rmtree(other, ignore_errors=True)
+        assert reap.returncode == 0, reap.stderr
+        assert containers(f"{labels.KERNEL_ID}={member}"), f"a live claimed kernel was reaped:\n{reap.stdout}"
+        out = await run_cell(kc, "print(6 * 7)")
+        assert out["stdout"] == "42\n", out
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)

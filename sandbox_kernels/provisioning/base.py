@@ -125,7 +125,8 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
     @property
     def labels(self) -> dict[str, str]:
         """Labels put on everything created for this kernel (kernel id, runtime, owner)."""
-        return owner_labels(self.sandbox_id, self.runtime, pooled=self.pool_member)
+        root = str(self.state_dir.parent) if self.pool_member else ""
+        return owner_labels(self.sandbox_id, self.runtime, pooled=self.pool_member, state_root=root)
 
     @property
     def sandbox_name(self) -> str:

@@ -179,3 +179,20 @@ def test_a_claimed_sandbox_belongs_to_its_claimer(tmp_path: Path) -> None:
     assert labels.claimed_by(str(state_dir)) == os.getpid()
     (state_dir / labels.CLAIMED_BY).write_text("garbage")
     assert labels.claimed_by(str(state_dir)) is None
+
+
+def test_a_pooled_sandbox_is_judged_by_its_own_state_root(tmp_path: Path) -> None:
+    """`reap` run with another state root (a shell's default, another server's) finds the claim
+    where the pool's agent recorded it."""
+    member = "0f0e0d0c-0000-4000-8000-000000000002"
+    own, other = tmp_path / "own", tmp_path / "other"
+    (own / member).mkdir(parents=True)
+    other.mkdir()
+    (own / member / labels.CLAIMED_BY).write_text(f"{os.getpid()}\n")
+    pooled = {**labels.owner_labels(member, "docker", pooled=True, state_root=str(own)),
+              labels.OWNER_PID: str(_dead_pid())}  # its agent has exited; its claimer runs
+    assert pooled[labels.STATE_ROOT] == str(own)
+    assert labels.owner_alive(pooled, str(other)), "a live claimed kernel judged from another root"
+    (own / member / labels.CLAIMED_BY).write_text(f"{_dead_pid()}\n")
+    assert not labels.owner_alive(pooled, str(other))
+    assert labels.STATE_ROOT not in labels.owner_labels(member, "docker", state_root=str(own))
