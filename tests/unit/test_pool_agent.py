@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -329,3 +330,34 @@ def test_a_request_is_answered_before_the_agent_exits(state_root: Path, members:
     asyncio.run(agent.run(recipe(size=0, idle=5.0)))  # in the main thread, as `pool serve` runs it
     thread.join(10)
     assert answered == [True], f"`pool stop` got no answer: {answered}"
+
+
+async def test_claims_over_the_socket_at_once_never_share_a_member(state_root: Path, members: FakeMembers,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many clients (threads, each its own connection) claim at the same moment."""
+    monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
+    agent = Agent(AgentPaths.for_state_root(str(state_root)))
+    assert agent.take_lock()
+    r = recipe(size=4)
+    run = asyncio.ensure_future(agent.run(r))
+    try:
+        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
+        await _filled(agent, r)
+        barrier = threading.Barrier(12)
+
+        def claim_one() -> str | None:
+            client = PoolClient(str(state_root), timeout=10)
+            barrier.wait(10)
+            member, fds = client.claim(r)
+            assert fds == []
+            return member["id"] if member else None
+
+        with ThreadPoolExecutor(12) as pool:
+            futures = [asyncio.wrap_future(pool.submit(claim_one)) for _ in range(12)]
+            ids = [i for i in await asyncio.gather(*futures) if i]
+        assert len(ids) >= 4 and len(ids) == len(set(ids)), ids
+        assert all(m.handed_over <= 1 for m in members.made)
+        await asyncio.to_thread(PoolClient(str(state_root)).stop)
+        await asyncio.wait_for(run, 10)
+    finally:
+        run.cancel()
