@@ -14,6 +14,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { SNAPSHOT_NAME, SnapshotClient } from './api';
 import { snapshotIcon } from './icon';
 import { SnapshotPanel } from './panel';
+import { PoolSection } from './poolSection';
 import { startStatusPlugin } from './startPlugin';
 
 export { SnapshotClient } from './api';
@@ -42,6 +43,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ) => {
     const client = new SnapshotClient(app.serviceManager.serverSettings);
     const panel = new SnapshotPanel({ client });
+    const specs = app.serviceManager.kernelspecs;
+    panel.addWidget(
+      new PoolSection({
+        settings: app.serviceManager.serverSettings,
+        displayName: name => specs.specs?.kernelspecs[name]?.display_name ?? ''
+      })
+    );
     app.shell.add(panel, 'right', { rank: 650, type: 'Sandbox snapshots' });
     restorer?.add(panel, SnapshotPanel.ID);
 

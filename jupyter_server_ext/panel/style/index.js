@@ -1,2 +1,3 @@
 import './base.css';
 import './start-status.css';
+import './pool.css';
