@@ -4,15 +4,19 @@ A real JupyterLab (helpers/lab.py) with the sandbox-kernels server extension and
 by headless Debian Chromium. Opening a notebook on a VM kernel shows the start's phases in the
 status bar item until the kernel is idle; a kernelspec that cannot start shows the
 provisioner's own message (the setting it names) as a notification and in the item.
-Screenshots go to `test-artifacts/start-*.png`.
+With a warm pool ready, the kernel comes from the pool (phase "claimed", no restore or boot), and
+the snapshots panel's "Warm pool" section shows the pool. Screenshots go to
+`test-artifacts/start-*.png`.
 
 Boots a VM: run it under the heavy lock (`flock /tmp/sk-heavy.lock ...`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +24,7 @@ import pytest
 
 from helpers.lab import (Lab, browser_page, kernelspecs, open_notebook, running_lab, screenshot,
                          wait_notebook_kernel)
+from helpers.pool import private_state_root, remove_state_root
 
 pytestmark = pytest.mark.browser
 
@@ -57,11 +62,30 @@ def _broken_kernelspec(share: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """A real `jupyter lab` with the warm pool off and the broken kernelspec installed."""
+    """A real `jupyter lab` with the warm pool off and the broken kernelspec installed, with a
+    state root of its own (no other test's pool agent is in sight)."""
     base = tmp_path_factory.mktemp("lab")
     _broken_kernelspec(base / "share")
-    with running_lab(base, env={"JUPYTER_PATH": str(base / "share"), "NIXOS_VM_POOL_SIZE": "0"}) as lab:
-        yield lab
+    state = private_state_root()
+    env = {"JUPYTER_PATH": str(base / "share"), "NIXOS_VM_POOL_SIZE": "0",
+           "SANDBOX_KERNELS_STATE_DIR": str(state)}
+    try:
+        with running_lab(base, env=env) as lab:
+            yield lab
+    finally:
+        remove_state_root(state)
+
+
+@pytest.fixture(scope="module")
+def pool_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A real `jupyter lab` with a VM warm pool of one; its agent is stopped afterwards."""
+    state = private_state_root()
+    env = {"NIXOS_VM_POOL_SIZE": "1", "SANDBOX_KERNELS_STATE_DIR": str(state)}
+    try:
+        with running_lab(tmp_path_factory.mktemp("pool-lab"), env=env) as lab:
+            yield lab
+    finally:
+        remove_state_root(state)
 
 
 async def _seen(page: Any) -> list[dict[str, str]]:
@@ -118,3 +142,47 @@ async def test_a_kernel_that_cannot_start_shows_the_provisioners_message(lab: La
         dialog = page.locator(".jp-Dialog", has_text="memory='1k' is too small")
         await dialog.wait_for()
         assert "64m or more" in await dialog.inner_text()
+        await page.keyboard.press("Escape")
+        await dialog.wait_for(state="detached")
+
+        # The snapshots panel's "Warm pool" section: no pool on this server.
+        await page.locator(".jp-SideBar .lm-TabBar-tab[data-id='sk-snapshots-panel']").click()
+        await page.locator("#sk-pool-section[data-state='off']").wait_for()
+
+
+async def _wait_pool_ready(lab: Lab, kernel_name: str, timeout: float = 300) -> dict[str, Any]:
+    """Poll the server's pool endpoint until a pool of ``kernel_name`` has a ready member."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = lab.api("GET", "sandbox-kernels/api/pool")
+        ready = [p for p in report["pools"] if p["kernel_name"] == kernel_name and p["ready"] >= 1]
+        if ready:
+            return ready[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no ready {kernel_name} pool member within {timeout:g} s: {report}")
+        await asyncio.sleep(1)
+
+
+@pytest.mark.vm
+async def test_with_the_pool_ready_the_kernel_comes_from_the_pool(pool_lab: Lab) -> None:
+    if "sandbox-nixos-vm" not in kernelspecs():
+        pytest.skip("kernelspec sandbox-nixos-vm is not installed")
+    # The first start finds no agent: it starts one (which fills the pool) and starts cold.
+    first = pool_lab.api("POST", "api/kernels", {"name": "sandbox-nixos-vm"}, timeout=300)
+    pool_lab.api("DELETE", f"api/kernels/{first['id']}", timeout=120)
+    pool = await _wait_pool_ready(pool_lab, "sandbox-nixos-vm")
+    assert pool["runtime"] == "libvirt" and pool["target"] == 1, pool
+    async with browser_page(pool_lab) as page:
+        await page.add_init_script(RECORDER)
+        name = await open_notebook(page, pool_lab, "sandbox-nixos-vm", wait_idle=False)
+        await wait_notebook_kernel(page, pool_lab, name)
+        await page.locator(STATUS).wait_for(state="hidden", timeout=60_000)
+        phases = [s["phase"] for s in await _seen(page) if s["phase"]]
+        assert "claimed" in phases and phases[-1] == "ready", phases
+        assert not {"restoring", "booting", "failed"} & set(phases), phases
+        # The panel's "Warm pool" section lists the pool (refilling, or ready again).
+        await page.locator(".jp-SideBar .lm-TabBar-tab[data-id='sk-snapshots-panel']").click()
+        row = page.locator("#sk-pool-section[data-state='ready'] .sk-pool-row[data-kernel-name='sandbox-nixos-vm']")
+        await row.wait_for(timeout=30_000)
+        assert "Python (NixOS VM):" in await row.inner_text()
+        await screenshot(page, "start-vm-pool")
