@@ -28,6 +28,14 @@ def test_wheel_installs_panel_server_extension_and_kernelspecs(wheel_venv: Wheel
     assert "jupyter_server_ext enabled" in serverext, serverext
     assert "jupyter_server_ext  OK" in serverext or "jupyter_server_ext OK" in serverext, serverext
 
+    # The start-phase events' schema ships with the server extension and loads.
+    proc = subprocess.run([wheel_venv.bin("python"), "-c", "from jupyter_events import EventLogger; "
+                           "from jupyter_server_ext.events import SCHEMA_ID, register_schema; "
+                           "logger = EventLogger(); register_schema(logger); "
+                           "print(SCHEMA_ID in logger.schemas.schema_ids)"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+
     run([wheel_venv.bin("sandbox-kernels"), "install-kernelspecs", "--sys-prefix"], env)
     kernels = run([wheel_venv.bin("jupyter"), "kernelspec", "list"], env)
     # The wheel carries every runtime's record (its entry points) and every record's kernelspec.
