@@ -215,7 +215,7 @@ async def test_an_idle_pool_expires_and_the_agent_exits(pool_root: Path,
     """Nobody asks: the pool expires, its members go and the agent exits; a kernel claimed
     from it before is no member any more and runs on."""
     monkeypatch.setenv("SANDBOX_DOCKER_POOL_SIZE", "1")
-    monkeypatch.setenv("SANDBOX_KERNELS_POOL_IDLE_TIMEOUT", "20")
+    monkeypatch.setenv("SANDBOX_KERNELS_POOL_IDLE_TIMEOUT", "30")  # room for a slow refill
     first = (await fill_pool(pool_root, KERNEL, ready=1))["members"][0]
     km, kc = await start(KERNEL, timeout=120)
     try:
