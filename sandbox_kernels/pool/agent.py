@@ -23,10 +23,14 @@ import logging
 import os
 import signal
 import socket
+import struct
+from pathlib import Path
 from typing import Any
 
 from ..aio import to_thread
 from ..errors import SandboxError
+from ..labels import CLAIMED_BY
+from ..private_dirs import write_private_file
 from ..provisioning.exit_cleanup import shielded
 from . import protocol
 from .paths import AgentPaths
@@ -146,10 +150,14 @@ class Agent:
         conn.settimeout(30)
         fds: list[int] = []
         try:
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+            if uid != os.getuid():  # the directory is 0700; a second lock all the same
+                raise SandboxError(f"refusing a request from uid {uid}")
             request, passed = await to_thread(protocol.receive, conn)
             protocol.close_fds(passed)  # requests carry none
             try:
-                reply, fds = await self.handle(request)
+                reply, fds = await self.handle(request, pid)
             except (SandboxError, ValueError, KeyError, TypeError) as e:
                 reply = {"error": str(e)}
             await to_thread(protocol.send, conn, reply, fds)
@@ -159,8 +167,11 @@ class Agent:
             protocol.close_fds(fds)  # sent (the peer has its own copies) or not: ours go
             conn.close()
 
-    async def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        """Answer one request; returns the reply and the descriptors to pass with it."""
+    async def handle(self, request: dict[str, Any], peer: int = 0) -> tuple[dict[str, Any], list[int]]:
+        """Answer one request from process ``peer``; returns the reply and the descriptors to
+        pass with it. A claimed member belongs to ``peer`` from then on (see
+        :func:`~sandbox_kernels.labels.owner_alive`): if it dies before adopting it, ``reap``
+        removes the sandbox."""
         op = request.get("op")
         if op == "ping":
             return {"ok": True}, []
@@ -175,6 +186,8 @@ class Agent:
                 return {"member": None}, []
             try:
                 info, fds = await member.hand_over()
+                state_dir = Path(info["provisioner_info"]["state_dir"])
+                write_private_file(state_dir / CLAIMED_BY, f"{peer}\n".encode(), "pool claim record")
             except Exception as e:  # whatever it was, the member is spent: it goes
                 log.warning("Pool %s: could not hand sandbox %s over (%s); removing it", pool.key, member.id, e)
                 await shielded(member.destroy())

@@ -8,16 +8,14 @@ with the reason.
 
 from __future__ import annotations
 
-import os
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from ..aio import to_thread
 from ..errors import SandboxError
-from ..labels import CLAIMED_BY
-from ..private_dirs import write_private_file
 from . import protocol
 from .client import PoolClient
-from .recipe import recipe_for
+from .recipe import Recipe, recipe_for
 
 if TYPE_CHECKING:
     from ..provisioning.base import SandboxProvisioner
@@ -26,11 +24,24 @@ if TYPE_CHECKING:
 async def claim_from_pool(prov: SandboxProvisioner, km: Any, env: dict[str, str],
                           extra_arguments: list[str]) -> bool:
     """Claim a ready sandbox of ``prov``'s configuration and make it ``prov``'s; returns whether
-    one was claimed. ``km`` (the kernel manager) gets the pooled kernel's key."""
+    one was claimed. ``km`` (the kernel manager) gets the pooled kernel's key.
+
+    A cancelled start (Ctrl-C) still finishes the claim it asked for, then removes the sandbox.
+    """
     if extra_arguments:
         prov.log.debug("Kernel %s: extra kernel arguments; not using the warm pool", prov.kernel_id)
         return False
     recipe = await recipe_for(prov, getattr(km, "kernel_name", "") or prov.kernel_name, dict(env))
+    task = asyncio.ensure_future(_claim(prov, km, recipe))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if await task:
+            await prov.teardown()
+        raise
+
+
+async def _claim(prov: SandboxProvisioner, km: Any, recipe: Recipe) -> bool:
     client = PoolClient(prov.state_root)
     try:
         member, fds = await to_thread(client.claim, recipe)
@@ -45,8 +56,6 @@ async def claim_from_pool(prov: SandboxProvisioner, km: Any, env: dict[str, str]
     try:
         await prov.adopt(member, fds)
         fds = []
-        write_private_file(prov.state_dir / CLAIMED_BY, f"{os.getpid()}\n".encode(),
-                           "pool claim record")
         connection = member["connection"]
         km.session.key = connection["key"].encode()
         km.session.signature_scheme = connection["signature_scheme"]
