@@ -15,8 +15,8 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
 from helpers.kernels import run_cell, start
-from helpers.pool import agent_log, pool_status, pools_of, private_state_root, remove_state_root, wait_pool
-from sandbox_kernels.provisioning import start_progress
+from helpers.pool import (agent_log, pool_status, pools_of, private_state_root, remove_state_root, start_phases,
+                          wait_pool)
 
 pytestmark = pytest.mark.vm
 
@@ -61,12 +61,8 @@ def vm_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def phases() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    start_progress.add_sink(seen.append)
-    try:
+    with start_phases() as seen:
         yield seen
-    finally:
-        start_progress.remove_sink(seen.append)
 
 
 def _of(phases: list[dict[str, Any]], kernel_id: str) -> list[str]:
