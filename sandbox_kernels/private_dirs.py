@@ -32,13 +32,10 @@ def open_private_dir(directory: Path, what: str, fix: str) -> int:
     Raises:
         SandboxUnavailable: the message names the directory, what is wrong, and ``fix``.
     """
-    old = os.umask(0o077)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_dirs(directory)
     except OSError as e:
         raise SandboxUnavailable(f"{what} {directory} cannot be created ({e.strerror or e}). {fix}") from e
-    finally:
-        os.umask(old)
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
@@ -62,6 +59,20 @@ def open_private_dir(directory: Path, what: str, fix: str) -> int:
                 f"{what} {directory} is below {parent} (uid {pst.st_uid}, mode "
                 f"{stat.S_IMODE(pst.st_mode):o}), which another user can change. {fix}")
     return fd
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each with mode 0700 at most.
+
+    The process umask is left alone: it is process-wide, so changing and restoring it from one
+    thread races with another thread doing the same and can leave it changed for good.
+    """
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes, what: str) -> Path:

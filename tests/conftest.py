@@ -56,6 +56,23 @@ def nothing_leaked() -> Iterator[None]:
     assert not leaked, f"tests left these behind: {json.dumps(leaked, indent=1)}"
 
 
+@pytest.fixture(autouse=True)
+def umask_unchanged() -> Iterator[None]:
+    """Fail a test after which the process umask differs: it is process-wide, so a change
+    leaks into every later test (a leaked 077 once made a mode check pass by accident)."""
+    before = _umask()
+    yield
+    assert _umask() == before, f"the process umask changed from {before} to {_umask()}"
+
+
+def _umask() -> str:
+    """The umask, read without setting it (Linux 4.7+)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return line.split()[1]
+    raise RuntimeError("no Umask line in /proc/self/status")
+
+
 def _stop_pool_agent() -> None:
     """Stop the session state root's warm-pool agent if a test started one (a lab's or a
     kernel's start does): its pooled sandboxes go before the leak check looks, and its

@@ -480,7 +480,8 @@ def test_client_sockets_refuse_a_shared_directory(tmp_path: Path) -> None:
     from sandbox_kernels.client_sockets import ClientSockets
 
     shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
+    shared.mkdir()
+    shared.chmod(0o755)  # whatever the umask
     with pytest.raises(SandboxConfigError, match="mode 0700"):
         ClientSockets("ipc", shared).assign(type("KM", (), {})(), {})
     link = tmp_path / "link"

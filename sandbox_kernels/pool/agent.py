@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aio import to_thread
+from ..client_sockets import listen_unix
 from ..errors import SandboxError
 from ..labels import CLAIMED_BY
 from ..private_dirs import write_private_file
@@ -71,13 +72,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.paths.socket)  # a dead agent's (we hold the lock)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.paths.socket))
-        os.chmod(self.paths.socket, 0o600)
-        server.listen(64)
-        server.setblocking(False)
+        server = listen_unix(self.paths.socket)  # replaces a dead agent's (we hold the lock)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.starting)
         log.info("Pool agent %d serving %s", os.getpid(), self.paths.socket)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..client_sockets import listen_unix
 from ..errors import (
     SandboxConfigError,
     SandboxConnectionError,
@@ -42,13 +42,13 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen on the socket (replacing a stale one)."""
-        self.path.unlink(missing_ok=True)
-        old = os.umask(0o177)
+        sock = listen_unix(self.path)  # 0600 from the bind, in the kernel's 0700 state directory
         try:
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock,
                                                            limit=_MAX_REQUEST)
-        finally:
-            os.umask(old)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening and remove the socket."""

@@ -80,3 +80,17 @@ def test_every_byte_is_written_when_a_write_is_short(tmp_path: Path, monkeypatch
     monkeypatch.setattr(private_dirs.os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
     path = write_private_file(tmp_path / "seed.img", b"0123456789", "the seed disk")
     assert path.read_bytes() == b"0123456789"
+
+
+def test_directories_are_created_private_without_touching_the_umask(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The umask is process-wide: a set-and-restore from two threads at once can leave it
+    changed for good (it once left a CI run's later tests at 077)."""
+    def forbidden(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:o}) called")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    fd = open_private_dir(tmp_path / "p" / "q" / "r", "the state directory", "Pick another.")
+    os.close(fd)
+    for path in (tmp_path / "p", tmp_path / "p" / "q", tmp_path / "p" / "q" / "r"):
+        assert path.stat().st_mode & 0o777 == 0o700, path

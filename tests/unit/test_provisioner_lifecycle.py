@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,25 @@ async def test_start_and_shutdown_order(world: FakeWorld, tmp_path: Path) -> Non
         mark = len(world.calls)
         await km.shutdown_kernel(now=True)
     assert list(calls_since(world, mark)) == ["signal_kernel SIGINT", "signal_kernel SIGKILL", "destroy_sandbox"]
+    _nothing_left(world, km.kernel_id)
+
+
+async def test_start_leaves_the_process_umask_alone(world: FakeWorld, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state directory and the 0600 control socket are made without touching the umask:
+    it is process-wide, and a set-and-restore racing another thread's can leave it changed."""
+    def forbidden(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:o}) called")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    km = fake_kernel_manager(write_fake_kernelspec(tmp_path))
+    await km.start_kernel()
+    try:
+        control = _state_root() / km.kernel_id / "control.sock"
+        assert stat.S_ISSOCK(control.lstat().st_mode)
+        assert control.lstat().st_mode & 0o777 == 0o600
+    finally:
+        await km.shutdown_kernel(now=True)
     _nothing_left(world, km.kernel_id)
 
 
