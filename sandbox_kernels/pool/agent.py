@@ -5,7 +5,9 @@ per connection (see :mod:`.protocol`):
 
 - ``claim {recipe}``: the pool of that recipe is wanted (made if new; pools of the same
   kernelspec with another recipe are stale and drained); a ready member, if any, is handed
-  over (with its VM slot's lock as a passed descriptor) and never given to anyone else.
+  over (with its VM slot's lock as a passed descriptor) and never given to anyone else. With
+  ``"hold": true`` the claimer keeps the connection open while it connects to the member's
+  kernel, and the pool begins no refill until it closes (at most ``HOLD_MAX`` seconds).
 - ``yield_slot``: a kernel start waits for a VM slot: remove a pooled VM.
 - ``status``, ``ping``, ``stop`` (remove every pooled sandbox and exit).
 
@@ -42,6 +44,8 @@ log = logging.getLogger("sandbox_kernels.pool")
 
 #: Seconds between idle checks.
 CHECK_EVERY = 1.0
+#: The longest a claimer may hold its pool's refills (it connects in well under a second).
+HOLD_MAX = 15.0
 
 
 class Agent:
@@ -92,6 +96,7 @@ class Agent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
+            self._stop.set()  # ends claimers' holds (see _hold_refills)
             if self._serving:  # answer what was accepted (`pool stop` itself) before exiting
                 await asyncio.gather(*self._serving, return_exceptions=True)
             await shielded(self.drain_all())
@@ -151,27 +156,49 @@ class Agent:
                 raise SandboxError(f"refusing a request from uid {uid}")
             request, passed = await to_thread(protocol.receive, conn)
             protocol.close_fds(passed)  # requests carry none
-            try:
-                reply, fds = await self.handle(request, pid)
-            except (SandboxError, ValueError, KeyError, TypeError) as e:
-                reply = {"error": str(e)}
-            await to_thread(protocol.send, conn, reply, fds)
+            with contextlib.ExitStack() as holds:
+                try:
+                    reply, fds = await self.handle(request, pid, holds)
+                except (SandboxError, ValueError, KeyError, TypeError) as e:
+                    reply = {"error": str(e)}
+                await to_thread(protocol.send, conn, reply, fds)
+                protocol.close_fds(fds)  # the peer has its own copies
+                fds = []
+                if reply.get("member") and request.get("hold"):
+                    await self._until_let_go(conn)
         except (OSError, SandboxError) as e:
             log.debug("Pool agent: a request failed: %s", e)
         finally:
             protocol.close_fds(fds)  # sent (the peer has its own copies) or not: ours go
             conn.close()
 
-    async def handle(self, request: dict[str, Any], peer: int = 0) -> tuple[dict[str, Any], list[int]]:
+    async def _until_let_go(self, conn: socket.socket) -> None:
+        """Wait until the claimer closes ``conn`` (its kernel is connected), ``HOLD_MAX``
+        passes or the agent stops."""
+        conn.setblocking(False)
+        closed = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(conn, 1))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({closed, stopping}, timeout=HOLD_MAX, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (closed, stopping):
+                waiter.cancel()
+            await asyncio.gather(closed, stopping, return_exceptions=True)
+
+    async def handle(self, request: dict[str, Any], peer: int = 0,
+                     holds: contextlib.ExitStack | None = None) -> tuple[dict[str, Any], list[int]]:
         """Answer one request from process ``peer``; returns the reply and the descriptors to
         pass with it. A claimed member belongs to ``peer`` from then on (see
         :func:`~sandbox_kernels.labels.owner_alive`): if it dies before adopting it, ``reap``
-        removes the sandbox."""
+        removes the sandbox. A claim that asks to hold the pool's refills enters the hold into
+        ``holds`` before the member leaves the pool (so no refill slips in between)."""
         op = request.get("op")
         if op == "ping":
             return {"ok": True}, []
         if op == "claim":
             pool = self.want(Recipe.from_dict(request["recipe"]))
+            if request.get("hold") and holds is not None:
+                holds.enter_context(pool.hold())
             member = pool.take()
             while member is not None and not await member.alive():
                 log.warning("Pool %s: sandbox %s died while it waited; removing it", pool.key, member.id)

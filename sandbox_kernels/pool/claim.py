@@ -44,23 +44,26 @@ async def claim_from_pool(prov: SandboxProvisioner, km: Any, env: dict[str, str]
 async def _claim(prov: SandboxProvisioner, km: Any, recipe: Recipe) -> bool:
     client = PoolClient(prov.state_root)
     try:
-        member, fds = await to_thread(client.claim, recipe)
+        claim = await to_thread(client.claim, recipe)
     except SandboxError as e:
         prov.log.warning("Kernel %s: the warm pool is unavailable (%s); starting a new sandbox "
                          "(`sandbox-kernels pool status` shows the pool)", prov.kernel_id, e)
         return False
+    member, fds = claim.member, claim.fds
     if member is None:
+        protocol.close_fds(fds)
         prov.log.info("Kernel %s: no ready sandbox in the warm pool yet; starting a new one "
                       "(the pool fills in the background)", prov.kernel_id)
         return False
     try:
-        await prov.adopt(member, fds)
+        await prov.adopt(member, fds, claim)  # the pool refills once the kernel is connected
         fds = []
         connection = member["connection"]
         km.session.key = connection["key"].encode()
         km.session.signature_scheme = connection["signature_scheme"]
     except BaseException:
         protocol.close_fds(fds)
+        claim.release()
         prov.log.warning("Kernel %s: could not adopt pooled sandbox %s; removing it",
                          prov.kernel_id, prov.sandbox_name)
         await prov.teardown()

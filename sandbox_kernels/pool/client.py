@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SandboxConnectionError, SandboxError
@@ -27,6 +28,25 @@ STARTING_STALE = 30.0
 
 class AgentNotRunning(SandboxConnectionError):
     """No pool agent answers at the socket."""
+
+
+@dataclass
+class Claim:
+    """What a claim got: the member handed over (None if none was ready) and its descriptors.
+
+    While ``hold`` (the claim's connection) is open, the agent begins no refill of the pool,
+    so that connecting to the claimed kernel does not compete with a sandbox being started.
+    """
+
+    member: dict[str, Any] | None
+    fds: list[int]
+    hold: socket.socket | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Let the pool refill again (idempotent)."""
+        if self.hold is not None:
+            self.hold.close()
+            self.hold = None
 
 
 class PoolClient:
@@ -44,6 +64,12 @@ class PoolClient:
             SandboxError: the agent answered with an error (its message).
             SandboxConnectionError: the connection broke.
         """
+        reply, fds, sock = self._exchange(message)
+        sock.close()
+        return reply, fds
+
+    def _exchange(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int], socket.socket]:
+        """:meth:`request`, returning the connection too (the caller closes it)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -53,16 +79,16 @@ class PoolClient:
                 raise AgentNotRunning(f"no pool agent at {self.paths.socket}") from e
             protocol.send(sock, message)
             reply, fds = protocol.receive(sock)
-        except AgentNotRunning:
-            raise
-        except OSError as e:
-            raise SandboxConnectionError(f"pool agent at {self.paths.socket}: {e}") from e
-        finally:
+        except BaseException as e:
             sock.close()
+            if isinstance(e, OSError) and not isinstance(e, AgentNotRunning):
+                raise SandboxConnectionError(f"pool agent at {self.paths.socket}: {e}") from e
+            raise
         if "error" in reply:
+            sock.close()
             protocol.close_fds(fds)
             raise SandboxError(f"pool agent: {reply['error']}")
-        return reply, fds
+        return reply, fds, sock
 
     def running(self) -> bool:
         """Whether an agent answers."""
@@ -72,18 +98,21 @@ class PoolClient:
             return False
         return True
 
-    def claim(self, recipe: Recipe) -> tuple[dict[str, Any] | None, list[int]]:
-        """A ready member of ``recipe``'s pool, handed over (with its descriptors), or None.
+    def claim(self, recipe: Recipe) -> Claim:
+        """A ready member of ``recipe``'s pool, handed over (with its descriptors), if any.
 
         Also tells the agent the pool is wanted (it refills, or is made); starts an agent if
-        none runs.
+        none runs. With a member, the pool begins no refill until :meth:`Claim.release`.
         """
         try:
-            reply, fds = self.request({"op": "claim", "recipe": recipe.to_dict()})
+            reply, fds, sock = self._exchange({"op": "claim", "recipe": recipe.to_dict(), "hold": True})
         except AgentNotRunning:
             self.start_agent(recipe)
-            return None, []
-        return reply.get("member"), fds
+            return Claim(None, [])
+        if reply.get("member") is None:
+            sock.close()
+            return Claim(None, fds)
+        return Claim(reply["member"], fds, sock)
 
     def yield_slot(self) -> int:
         """Ask the agent to give VM slots back to a kernel start that waits for one: it removes

@@ -3,7 +3,9 @@
 Members start one at a time (a start is CPU-heavy; the host's other kernels come first). A
 failed start is logged and retried after a growing pause. A VM member that finds no free VM
 slot waits for one without queueing (``SlotBusy``), so a kernel start always goes first, and
-:meth:`WarmPool.shrink` gives slots back when a kernel start waits for one.
+:meth:`WarmPool.shrink` gives slots back when a kernel start waits for one. Likewise a refill
+does not begin while a claimed member's kernel is being connected (:meth:`WarmPool.hold`): a
+restore takes both cores of a small host, and the login to the claimed VM would wait for it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import SandboxError
 from ..provisioning.exit_cleanup import shielded
@@ -42,6 +44,7 @@ class WarmPool:
         self.last_error = ""
         self.refill_seconds: list[float] = []  # how long each member took to become ready
         self._paused_until = 0.0
+        self._holds = 0  # claims being connected: no refill begins meanwhile
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -61,6 +64,16 @@ class WarmPool:
         member = self.ready.pop(0)
         self.wake()
         return member
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """No refill begins inside this block (one already under way goes on)."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self.wake()
 
     def idle_for(self) -> float:
         """Seconds since a start last asked for this pool."""
@@ -116,7 +129,7 @@ class WarmPool:
         return {
             "key": self.key, "runtime": self.recipe.runtime, "kernel_name": self.recipe.kernel_name,
             "target": self.recipe.target, "ready": len(self.ready),
-            "starting": int(self.starting is not None), "memory_bytes": memory,
+            "starting": int(self.starting is not None), "held": self._holds, "memory_bytes": memory,
             "idle_expires_in": max(0.0, self.recipe.idle_timeout - self.idle_for()),
             "refill_seconds": self.refill_seconds[-5:], "last_error": self.last_error,
             "members": [m.id for m in self.ready],
@@ -130,7 +143,7 @@ class WarmPool:
             while not self._closed:
                 self._wake.clear()
                 wait = self._paused_until - time.monotonic()
-                if len(self.ready) >= self.recipe.target or self.expired():
+                if len(self.ready) >= self.recipe.target or self.expired() or self._holds:
                     await self._wake.wait()
                     continue
                 if wait > 0:

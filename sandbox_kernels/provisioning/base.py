@@ -41,6 +41,7 @@ from .shared_settings import SharedSettings
 from .snapshot_hooks import SnapshotHooks
 from .start_progress import StartProgress
 from ..pool.claim import claim_from_pool
+from ..pool.client import Claim
 
 #: Keyword arguments that jupyter_client itself passes to a provisioner's constructor.
 _FRAMEWORK_KWARGS = {"kernel_id", "kernel_spec", "parent", "log", "config", "connection_info"}
@@ -94,6 +95,7 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._progress: StartProgress | None = None
         self._sandbox_id = ""  # a claimed pool member's id (its sandbox's name and labels)
         self._claimed = False  # the next launch finds the kernel already running (pool)
+        self._pool_hold: Claim | None = None  # the pool refills once it is released
 
     # -- settings --------------------------------------------------------------------------
 
@@ -272,7 +274,10 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         if self._claimed:  # a pool member's kernel runs already: connect to it
             self._claimed = False
             progress.phase("connecting", "connecting to the kernel claimed from the warm pool")
-            await self.connect_claimed()
+            try:
+                await self.connect_claimed()
+            finally:
+                self._release_pool_hold()
             return
         if not self._sandbox_ready:
             progress.phase("creating", f"creating the {self.runtime} sandbox {self.sandbox_name}")
@@ -383,9 +388,10 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._has_process = True
         track(self)
 
-    async def adopt(self, member: dict[str, Any], fds: list[int]) -> None:
+    async def adopt(self, member: dict[str, Any], fds: list[int], hold: Claim | None = None) -> None:
         """Take over a warm-pool member (what its :meth:`detach` returned) as this kernel's
-        sandbox: the next launch connects to the kernel already running in it.
+        sandbox: the next launch connects to the kernel already running in it, then releases
+        ``hold`` (the pool waits with its refill until then).
 
         Called from :func:`~sandbox_kernels.pool.claim.claim_from_pool` in :meth:`pre_launch`,
         before any port or file of this kernel exists.
@@ -394,7 +400,13 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._has_process = False  # until launch_kernel has connected
         self._local_ports = {k: int(v) for k, v in member["local_ports"].items()}
         self._claimed = True
+        self._pool_hold = hold
         self.take_over(fds)
+
+    def _release_pool_hold(self) -> None:
+        if self._pool_hold is not None:
+            self._pool_hold.release()
+            self._pool_hold = None
 
     async def detach(self) -> tuple[dict[str, Any], list[int]]:
         """Let go of the sandbox and its running kernel without stopping either, so that
@@ -456,6 +468,7 @@ class SandboxProvisioner(KernelProvisionerBase, SharedSettings, RuntimeHooks, Sn
         self._has_process = False
         self._restarting = False
         self._sandbox_ready = False
+        self._release_pool_hold()
         if self._control is not None:
             await self._control.close()
             self._control = None

@@ -272,7 +272,9 @@ async def test_over_the_socket_a_claim_passes_its_descriptors(state_root: Path, 
         await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
         assert oct(agent.paths.root.stat().st_mode & 0o777) == "0o700"
         await _filled(agent, r)
-        member, got = await asyncio.to_thread(client.claim, r)
+        claimed = await asyncio.to_thread(client.claim, r)
+        member, got = claimed.member, claimed.fds
+        claimed.release()
         assert member is not None and len(got) == 1
         os.write(got[0], b"slot")
         os.close(got[0])
@@ -348,9 +350,10 @@ async def test_claims_over_the_socket_at_once_never_share_a_member(state_root: P
         def claim_one() -> str | None:
             client = PoolClient(str(state_root), timeout=10)
             barrier.wait(10)
-            member, fds = client.claim(r)
-            assert fds == []
-            return member["id"] if member else None
+            claimed = client.claim(r)
+            claimed.release()
+            assert claimed.fds == []
+            return claimed.member["id"] if claimed.member else None
 
         with ThreadPoolExecutor(12) as pool:
             futures = [asyncio.wrap_future(pool.submit(claim_one)) for _ in range(12)]
@@ -359,5 +362,45 @@ async def test_claims_over_the_socket_at_once_never_share_a_member(state_root: P
         assert all(m.handed_over <= 1 for m in members.made)
         await asyncio.to_thread(PoolClient(str(state_root)).stop)
         await asyncio.wait_for(run, 10)
+    finally:
+        run.cancel()
+
+
+async def test_a_claim_holds_the_refill_until_its_kernel_is_connected(state_root: Path, members: FakeMembers,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connecting to a claimed VM must not compete with a restore for the host's cores: no
+    refill begins while the claimer holds its connection open; it begins once it lets go,
+    or once ``HOLD_MAX`` passes for a claimer that never does."""
+    monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
+    agent = Agent(AgentPaths.for_state_root(str(state_root)))
+    assert agent.take_lock()
+    client = PoolClient(str(state_root), timeout=10)
+    r = recipe(size=1)
+    run = asyncio.ensure_future(agent.run(r))
+    try:
+        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
+        pool = await _filled(agent, r)
+        claimed = await asyncio.to_thread(client.claim, r)
+        assert claimed.member is not None and claimed.hold is not None
+        status = await asyncio.to_thread(client.status)  # the agent's loop went round many times
+        assert status["pools"][0]["held"] == 1
+        assert len(members.made) == 1 and pool.starting is None, "a refill began during the claim"
+        claimed.release()
+        await _filled(agent, r)
+        assert len(members.made) == 2 and (await asyncio.to_thread(client.status))["pools"][0]["held"] == 0
+
+        monkeypatch.setattr(agent_module, "HOLD_MAX", 0.05)
+        forgotten = await asyncio.to_thread(client.claim, r)  # a claimer that never lets go
+        assert forgotten.member is not None
+        await _filled(agent, r)
+        assert forgotten.hold is not None and len(members.made) == 3
+        forgotten.release()
+
+        monkeypatch.setattr(agent_module, "HOLD_MAX", 600.0)
+        stuck = await asyncio.to_thread(client.claim, r)
+        assert stuck.member is not None
+        assert await asyncio.to_thread(client.stop)
+        await asyncio.wait_for(run, 10)  # a held claim does not keep the agent from stopping
+        stuck.release()
     finally:
         run.cancel()

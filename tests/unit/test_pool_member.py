@@ -4,6 +4,7 @@ provisioner base does to hand a running sandbox over (``detach``) and take it (`
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from traitlets.config import Config
 
 from helpers.fakes import FAKE_KERNEL, FakeRuntime, FakeWorld, calls_since, write_fake_kernelspec
 from sandbox_kernels import labels
+from sandbox_kernels.errors import SandboxStartError
 from sandbox_kernels.pool import claim as claim_module
+from sandbox_kernels.pool.client import Claim
 from sandbox_kernels.pool.member import Member
 from sandbox_kernels.pool.recipe import recipe_for
 from sandbox_kernels.provisioning import start_progress
@@ -37,19 +40,34 @@ async def _member(ksm: Any, world: FakeWorld) -> Member:
 
 
 class OneMember:
-    """Stands in for the agent's client: hands ``member`` over to the first claim."""
+    """Stands in for the agent's client: hands ``member`` over to the first claim, and records
+    what the runtime had done when the claim's hold on refills was released."""
 
-    def __init__(self, member: dict[str, Any] | None) -> None:
+    def __init__(self, member: dict[str, Any] | None, world: FakeWorld | None = None) -> None:
         self.member = member
+        self.world = world
         self.asked = 0
+        self.released_after: list[list[str]] = []  # the runtime's calls at each release
 
     def __call__(self, state_root: Any = None, **kwargs: Any) -> OneMember:
         return self
 
-    def claim(self, recipe: Any) -> tuple[dict[str, Any] | None, list[int]]:
+    def claim(self, recipe: Any) -> Claim:
         self.asked += 1
         member, self.member = self.member, None
-        return member, []
+        client = self
+
+        class Held(Claim):
+            def release(self) -> None:
+                if self.hold is not None and client.world is not None:
+                    client.released_after.append(list(client.world.calls))
+                super().release()
+
+        ends = socket.socketpair()
+        ends[1].close()  # the agent's end
+        if member is None:
+            ends[0].close()
+        return Held(member, [], ends[0] if member else None)
 
 
 async def test_a_member_is_a_kernel_started_the_normal_way(world: FakeWorld, tmp_path: Path,
@@ -78,7 +96,7 @@ async def test_a_claim_adopts_the_running_sandbox(world: FakeWorld, tmp_path: Pa
     assert state_dir.is_dir() and state_dir.name == member.id, "the state directory stays for the claimer"
     assert world.sandboxes == {sandbox} and world.running, "the hand-over stopped the sandbox"
     assert not [p for p in tracked() if p.sandbox_id == member.id], "the agent would tear it down at exit"
-    client = OneMember(info)
+    client = OneMember(info, world)
     monkeypatch.setattr(claim_module, "PoolClient", client)
     seen: list[dict[str, Any]] = []
     start_progress.add_sink(seen.append)
@@ -97,6 +115,8 @@ async def test_a_claim_adopts_the_running_sandbox(world: FakeWorld, tmp_path: Pa
         assert km.session.key == info["connection"]["key"].encode()
         assert km.get_connection_info()["shell_port"] == info["local_ports"]["shell_port"]
         assert [e["phase"] for e in seen] == ["claimed", "connecting", "ready"]
+        assert len(client.released_after) == 1 and client.released_after[0][-1] == "wait_ready", \
+            "the pool's refills were let go before (or never after) the kernel was connected"
         assert await km.is_alive()
         await km.restart_kernel(now=True)  # a restart stays in the claimed sandbox
         assert world.sandboxes == {sandbox} and world.running
@@ -125,3 +145,20 @@ async def test_an_empty_pool_or_extra_arguments_start_cold(world: FakeWorld, tmp
         assert client.asked == 1, "a start with extra arguments asked the pool"
     finally:
         await km.shutdown_kernel(now=True)
+
+
+async def test_a_claimed_kernel_that_cannot_be_connected_lets_the_pool_refill(
+        world: FakeWorld, tmp_path: Path, pool_ready: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim holds the pool's refills while it connects; a failed connect removes the
+    sandbox and lets go of the hold (or the pool would wait out the agent's bound)."""
+    ksm = write_fake_kernelspec(tmp_path)
+    member = await _member(ksm, world)
+    info, _ = await member.hand_over()
+    client = OneMember(info, world)
+    monkeypatch.setattr(claim_module, "PoolClient", client)
+    world.fail["wait_ready"] = SandboxStartError("the claimed kernel went away")
+    km = AsyncKernelManager(kernel_name=FAKE_KERNEL, kernel_spec_manager=ksm, config=POOLED)
+    with pytest.raises(SandboxStartError, match="went away"):
+        await km.start_kernel()
+    assert len(client.released_after) == 1, "the failed claim never let the pool refill"
+    assert not world.sandboxes, "the claimed sandbox outlived the failed start"
