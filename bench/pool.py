@@ -105,4 +105,5 @@ async def _measure(run: Run, count: int) -> None:
                 continue
             run.row(POOLED).samples.append(kernel.start_seconds)
             run.say(f"{run.runtime}: start from the warm pool {i + 1}/{count}: {kernel.start_seconds:.2f} s")
+            await ready_pool(run.kernel_name)  # the local start runs on a quiet host too, not beside a refill
             await run.paired_local_start(POOLED)
