@@ -351,6 +351,73 @@ def test_refused_remote_port_closes_the_local_connection(tunnel: SSHTunnel) -> N
     assert tunnel.is_alive
 
 
+def test_a_slow_channel_open_holds_up_no_other_connection(sshd: SSHServer, server_port: int) -> None:
+    """Opening a channel is a round trip into the sandbox (sshd connects to the port there),
+    and a kernel client connects five at once: one slow open must not stall the others, or
+    the bytes of connections already open. Here sshd's connect hangs: the destination's
+    accept queue is full (Linux drops the SYNs), and the open's timeout is a minute."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname(), timeout=10)  # the queue holds one
+    tun = _tunnel(sshd, connect_timeout=60.0)
+    try:
+        tun.ensure_connected(10)
+        slow_port = tun.forward(0, full.getsockname()[1])
+        fast_port = tun.forward(0, server_port)
+        with _connect(fast_port) as open_before:
+            open_before.sendall(b"echo\nfirst")
+            assert _recv_exactly(open_before, 5) == b"first"
+            with _connect(slow_port) as waiting:  # its channel's open hangs in sshd's connect
+                assert _echo_once(fast_port, b"new") == b"new", "a new connection waited for the slow open"
+                open_before.sendall(b"again")
+                assert _recv_exactly(open_before, 5) == b"again", "an open connection stalled"
+                waiting.settimeout(0)
+                with pytest.raises(BlockingIOError):
+                    waiting.recv(1)  # still waiting for its channel, neither closed nor served
+    finally:
+        tun.close()  # ends the pending open with the connection
+        full.close()
+        filler.close()
+    assert _tunnel_threads(tun) == [], "a channel opener outlived the tunnel"
+
+
+def _connecting_to(port: int) -> bool:
+    """Whether a TCP connection to 127.0.0.1:``port`` is in SYN_SENT (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        return any(int(line.split()[2].rsplit(":", 1)[1], 16) == port and line.split()[3] == "02"
+                   for line in f.readlines()[1:])
+
+
+def test_a_channel_that_opens_after_its_forward_paused_is_dropped(sshd: SSHServer) -> None:
+    """Channels open in their own threads: one whose forward was paused (a kernel restarting)
+    while it opened must not carry its bytes to the old destination."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    old_port = full.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", old_port), timeout=10)
+    tun = _tunnel(sshd, connect_timeout=60.0)
+    try:
+        tun.ensure_connected(10)
+        port = tun.forward(0, old_port)
+        with _connect(port, timeout=30) as waiting:
+            waiting.sendall(b"for the old kernel")
+            _wait_until(lambda: _connecting_to(old_port), 10, "sshd to connect to the old port")
+            tun.pause_forward(port)
+            full.accept()[0].close()  # the filler: room for sshd's connection, which now opens
+            late, _ = full.accept()
+            with late:
+                late.settimeout(30)
+                with contextlib.suppress(ConnectionResetError):  # closed with bytes unread: a reset
+                    assert _recv_to_eof(waiting) == b"", "the connection was served, not closed"
+                assert _recv_to_eof(late) == b"", "bytes reached the paused forward's old port"
+    finally:
+        tun.close()
+        full.close()
+        filler.close()
+
+
 def test_paused_forward_holds_connections_until_repointed(tunnel: SSHTunnel, server_port: int) -> None:
     """A kernel restarting: its port's clients wait (not refused, not sent to a dead port)
     and reach the new destination the moment the forward is repointed."""

@@ -6,7 +6,10 @@ connections and moves bytes between them and their ``direct-tcpip`` channels
 (:class:`~.pump.Pump`). How a connection becomes a channel, and keeping the SSH connection
 up, stay with the tunnel (:class:`~.tunnel.SSHTunnel`), which passes them in as callbacks.
 
-Changes to the listeners are queued for the thread (the pump is only touched from it).
+Changes to the listeners are queued for the thread (the pump is only touched from it). Channels
+are opened off that thread (:meth:`Forwards.open_pair`): opening one is a round trip into the
+sandbox, a kernel client connects five at once, and bytes of open connections keep moving
+meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import socket
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
 import paramiko
@@ -27,6 +31,7 @@ from .pump import Listener, Pump
 
 _LOOP_TIMEOUT = 1.0
 _MAX_LOOP_FAILURES = 5  # consecutive failed pump turns before the thread gives up
+_OPENERS = 8  # channels opened at once
 
 #: Called by the pump thread at each turn (the tunnel reconnects there), with the pump.
 TurnCallback = Callable[[Pump], None]
@@ -61,6 +66,7 @@ class Forwards:
         self.thread: threading.Thread | None = None
         self.pump: Pump | None = None
         self._wake_pair: tuple[socket.socket, socket.socket] | None = None
+        self._openers: ThreadPoolExecutor | None = None
 
     @property
     def listeners(self) -> dict[int, Listener]:
@@ -146,6 +152,44 @@ class Forwards:
         assert self.pump is not None
         self.pump.add_pair(sock, channel, listener)
 
+    def open_pair(self, sock: socket.socket, listener: Listener,
+                  open_channel: Callable[[], paramiko.Channel | None]) -> None:
+        """Open ``sock``'s channel with ``open_channel`` in another thread, then pump the pair,
+        unless ``listener`` was paused, removed or pointed elsewhere meanwhile (then both
+        close, as its open connections did). ``sock`` closes if no channel opens."""
+        with self._lock:
+            if self._closing.is_set():
+                sock.close()
+                return
+            if self._openers is None:
+                self._openers = ThreadPoolExecutor(_OPENERS, thread_name_prefix=f"{self.name}-open")
+            openers = self._openers
+
+        def run() -> None:
+            try:
+                channel = open_channel()
+            except Exception as e:  # nobody waits for this thread: say it here
+                self._logger.warning("opening a channel for local port %d failed: %s", listener.port,
+                                     describe_error(e), exc_info=True)
+                channel = None
+            if channel is None:
+                sock.close()
+                return
+            with self._lock:
+                closed = self._closing.is_set()
+                if not closed:
+                    self._commands.append(lambda pump: pump.add_pair_if_current(sock, channel, listener))
+            if closed:
+                sock.close()
+                channel.close()
+            else:
+                self.wake()
+
+        try:
+            openers.submit(run)
+        except RuntimeError:  # shut down: the tunnel is closing
+            sock.close()
+
     def _queue(self, command: Callable[[Pump], None]) -> threading.Event:
         """Queue ``command`` for the pump thread (the caller holds ``_lock``); the returned
         event is set once it has run."""
@@ -229,6 +273,9 @@ class Forwards:
             self._listeners.clear()
             self._commands.clear()
             wake_pair, self._wake_pair = self._wake_pair, None
+            openers, self._openers = self._openers, None
+        if openers is not None:  # an open under way ends with the transport (closed first)
+            openers.shutdown(wait=True, cancel_futures=True)
         for listener in listeners:
             listener.sock.close()
         for sock in wake_pair or ():

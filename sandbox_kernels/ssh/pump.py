@@ -153,6 +153,18 @@ class Pump:
         for pair in [p for p in self._pairs if p.listener is listener]:
             self._close_pair(pair)
 
+    def add_pair_if_current(self, sock: socket.socket, channel: paramiko.Channel, listener: Listener) -> None:
+        """:meth:`add_pair`, for a channel opened while the pump went on: if ``listener``'s port
+        was paused, removed or pointed elsewhere meanwhile, close both instead."""
+        current = self._listeners.get(listener.port)
+        if (current is None or listener.port in self._paused
+                or (current.remote_host, current.remote_port) != (listener.remote_host, listener.remote_port)):
+            self._logger.debug("dropping a connection to local port %d: its forward changed", listener.port)
+            sock.close()
+            channel.close()
+            return
+        self.add_pair(sock, channel, listener)
+
     def add_pair(self, sock: socket.socket, channel: paramiko.Channel, listener: Listener) -> None:
         """Start pumping between the accepted ``sock`` and its new ``channel``."""
         sock.setblocking(False)

@@ -411,7 +411,14 @@ class SSHTunnel(RemoteCommands):
             return False
 
     def _on_accept(self, sock: socket.socket, listener: Listener) -> None:
-        """Open a channel for a new local connection (waiting for a reconnect if needed)."""
+        """Open a channel for a new local connection: in another thread while connected; here,
+        waiting for a reconnect, when not."""
+        with self._lock:
+            live = self._transport
+        if live is not None and usable(live):
+            self._forwards.open_pair(sock, listener, lambda: self._connector.open_forward_channel(
+                live, listener.remote_host, listener.remote_port, originator(sock), self._connect_timeout))
+            return
         transport = self._transport_for_accept()
         channel = None if transport is None else self._connector.open_forward_channel(
             transport, listener.remote_host, listener.remote_port, originator(sock), self._connect_timeout)
