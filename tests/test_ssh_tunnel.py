@@ -628,6 +628,29 @@ def test_wrong_client_key_is_reported(sshd: SSHServer) -> None:
 # ---------------------------------------------------------------- drops and reconnects
 
 
+def test_a_login_over_a_connection_dialed_ahead(sshd: SSHServer, server_port: int) -> None:
+    """A warm-pool VM's sshd is dialed ahead: the login uses that connection (its banner
+    already there), and a stale one (the server closed it) costs a fresh dial, not a failure."""
+    before = _sshd_connections(sshd)
+    dialed = socket.create_connection((sshd.host, sshd.port), timeout=10)
+    assert dialed.recv(4, socket.MSG_PEEK) == b"SSH-", "no banner"
+    _wait_until(lambda: _sshd_connections(sshd) == before + 1, 10, "sshd to log the connection")
+    with _tunnel(sshd, sock=dialed) as tun:
+        tun.ensure_connected(10)
+        assert _echo_once(tun.forward(0, server_port)) == b"ping"
+        assert _sshd_connections(sshd) == before + 1, "the tunnel dialed again instead of using its connection"
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen(1)
+        stale = socket.create_connection(elsewhere.getsockname(), timeout=10)
+        elsewhere.accept()[0].close()  # as sshd does after LoginGraceTime
+        with _tunnel(sshd, sock=stale) as tun:
+            tun.ensure_connected(10)
+            assert _echo_once(tun.forward(0, server_port)) == b"ping"
+    assert stale.fileno() == -1, "the stale connection was not closed"
+    assert _sshd_connections(sshd) == before + 2
+
+
 def test_reconnects_after_the_connection_drops(tunnel: SSHTunnel, server_port: int) -> None:
     port = tunnel.forward(0, server_port)
     old = tunnel._transport

@@ -67,7 +67,8 @@ class Connector:
         return f"{self.host}:{self.port}"
 
     def open(
-        self, timeout: float, track: Callable[[socket.socket | None], bool]
+        self, timeout: float, track: Callable[[socket.socket | None], bool],
+        dialed: socket.socket | None = None,
     ) -> paramiko.Transport:
         """Connect, check the host key, log in; one attempt.
 
@@ -75,6 +76,8 @@ class Connector:
             timeout: seconds for each of TCP connect, handshake and login.
             track: called with the TCP socket once connected (so another thread can shut it
                 down to abort) and with ``None`` at the end; returning ``False`` aborts.
+            dialed: a connection to the server already made (see :mod:`.dialed`), used
+                instead of dialing; it is closed on failure.
 
         Returns:
             An authenticated transport with keep-alive on.
@@ -85,7 +88,10 @@ class Connector:
             SandboxTimeout: the handshake did not finish in ``timeout``.
             SandboxConnectionError: any other TCP or SSH failure, or aborted by ``track``.
         """
-        sock = self._dial(timeout)
+        if dialed is not None:
+            dialed.settimeout(timeout)
+            tune_socket(dialed, self.keepalive)
+        sock = dialed if dialed is not None else self._dial(timeout)
         transport = None
         try:
             if not track(sock):
@@ -221,8 +227,10 @@ class Connector:
 
     def open_with_backoff(self, deadline: float, attempt_timeout: float, closing: threading.Event,
                           track: Callable[[socket.socket | None], bool],
-                          on_error: Callable[[BaseException], None]) -> paramiko.Transport:
-        """Attempt :meth:`open` with backoff until one succeeds or ``deadline`` passes.
+                          on_error: Callable[[BaseException], None],
+                          dialed: socket.socket | None = None) -> paramiko.Transport:
+        """Attempt :meth:`open` with backoff until one succeeds or ``deadline`` passes; the
+        first attempt uses ``dialed`` if given, and if that fails a fresh dial follows at once.
 
         Args:
             deadline: ``time.monotonic()`` value to give up at.
@@ -240,10 +248,13 @@ class Connector:
         last: SandboxError | None = None
         while True:
             if closing.is_set():
+                if dialed is not None:
+                    dialed.close()
                 raise SandboxConnectionError(f"the tunnel to {self.target} is closed")
             attempts += 1
+            first, dialed = dialed, None
             try:
-                return self.open(max(0.5, min(attempt_timeout, deadline - time.monotonic())), track)
+                return self.open(max(0.5, min(attempt_timeout, deadline - time.monotonic())), track, first)
             except (HostKeyMismatch, IncompatibleServer) as e:
                 on_error(e)
                 raise
@@ -251,6 +262,8 @@ class Connector:
                 last = e
                 on_error(e)
                 self.logger.debug("attempt %d to reach %s failed: %s", attempts, self.target, e)
+                if first is not None:
+                    continue  # the connection dialed ahead had gone stale: dial now, no pause
             if time.monotonic() + delay >= deadline:
                 raise SandboxTimeout(
                     f"could not connect to {self.target} as {self.username!r} "

@@ -67,6 +67,8 @@ class SSHTunnel(RemoteCommands):
         logger: where connection events go; defaults to this module's logger.
         window_size: the SSH window of each channel, in bytes.
         max_packet_size: the largest SSH packet the server may send us.
+        sock: a connection to ``host:port`` already dialed (see :mod:`.dialed`), taken over
+            for the first login attempt; a fresh dial follows at once if it is stale.
 
     Raises:
         SandboxConfigError: a bad argument, or no usable pinned host key.
@@ -88,6 +90,7 @@ class SSHTunnel(RemoteCommands):
         logger: logging.Logger | None = None,
         window_size: int = DEFAULT_WINDOW_SIZE,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        sock: socket.socket | None = None,
     ):
         super().__init__()
         check_tunnel_args(host, port, username, pkey, keepalive, connect_timeout, reconnect_timeout)
@@ -117,6 +120,7 @@ class SSHTunnel(RemoteCommands):
         self._gave_up = False
         self._last_error: BaseException | None = None
         self._connecting_sock: socket.socket | None = None
+        self._dialed = sock  # for the first attempt only
         self._forwards = Forwards(self._name, self._logger, self._closing, self._keep_connected,
                                   self._on_accept, self._set_error)
 
@@ -208,6 +212,9 @@ class SSHTunnel(RemoteCommands):
             self._closing.set()
             transport, self._transport = self._transport, None
             connecting = self._connecting_sock
+            dialed, self._dialed = self._dialed, None
+        if dialed is not None:  # never used
+            dialed.close()
         if connecting is not None:
             with contextlib.suppress(OSError):
                 connecting.shutdown(socket.SHUT_RDWR)
@@ -338,8 +345,10 @@ class SSHTunnel(RemoteCommands):
             As :meth:`_connect`.
         """
         while True:
+            with self._lock:
+                dialed, self._dialed = self._dialed, None
             transport = self._connector.open_with_backoff(deadline, self._connect_timeout, self._closing,
-                                                          self._track_connecting, self._set_error)
+                                                          self._track_connecting, self._set_error, dialed)
             try:
                 self._install(transport)
                 return
