@@ -88,6 +88,8 @@ class Agent:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), CHECK_EVERY)
                 await self._expire()
+                for pool in list(self.pools.values()):
+                    await pool.keep_warm()
                 if not self.pools:
                     log.info("Pool agent: no pool is wanted any more; exiting")
                     break

@@ -70,6 +70,7 @@ class Member:
         login, fork). On failure nothing of it is left."""
         await self.km.start_kernel(env=dict(self.recipe.env))
         self.ready_since = time.monotonic()
+        await self.keep_warm()
 
     async def hand_over(self) -> tuple[dict[str, Any], list[int]]:
         """Let go of the running sandbox for a claiming process: what it needs to adopt it,
@@ -80,6 +81,12 @@ class Member:
         self.km.cleanup_connection_file()
         self.km.provisioner = None
         return member, fds
+
+    async def keep_warm(self) -> None:
+        """Keep it quick to claim (see the runtime's ``keep_warm``)."""
+        provisioner = self.km.provisioner
+        if provisioner is not None and self.ready_since is not None:
+            await provisioner.keep_warm()
 
     async def alive(self) -> bool:
         """Whether its sandbox and kernel still run (a member can die while it waits: the

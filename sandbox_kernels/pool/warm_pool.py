@@ -108,6 +108,15 @@ class WarmPool:
             return True
         return False
 
+    async def keep_warm(self) -> None:
+        """Keep each ready member quick to claim; a failure is the member's (logged at debug):
+        a claim then goes the slower way, or finds the member dead."""
+        for member in list(self.ready):
+            try:
+                await member.keep_warm()
+            except (SandboxError, OSError) as e:
+                self.log.debug("Pool %s: keeping sandbox %s warm failed: %s", self.key, member.id, e)
+
     async def drain(self) -> None:
         """Stop refilling and remove every member."""
         self._closed = True

@@ -146,6 +146,10 @@ class RuntimeHooks(ABC):
         for fd in fds:
             os.close(fd)
 
+    async def keep_warm(self) -> None:
+        """Keep a ready pool member quick to claim (the VM keeps a connection to its sshd
+        dialed ahead). Called every second or so by the pool agent; the default does nothing."""
+
     async def connect_claimed(self) -> None:
         """Connect to the kernel already running in a claimed pool member's sandbox.
 

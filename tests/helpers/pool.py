@@ -79,6 +79,7 @@ class FakeMember:
         self.world = world
         self.started = self.destroyed = self.dead = False
         self.handed_over = 0
+        self.kept_warm = 0
         self.ready_since: float | None = None
         world.made.append(self)
 
@@ -95,6 +96,10 @@ class FakeMember:
     async def alive(self) -> bool:
         await asyncio.sleep(0)
         return not self.dead
+
+    async def keep_warm(self) -> None:
+        assert not self.destroyed and not self.handed_over, f"member {self.id} kept warm after it left"
+        self.kept_warm += 1
 
     async def hand_over(self) -> tuple[dict[str, Any], list[int]]:
         assert not self.destroyed, f"member {self.id} handed over after it was destroyed"

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -254,8 +255,10 @@ class Machine:
             await asyncio.sleep(0.3)
 
     async def open_tunnel(self, user: str, reconnect_timeout: float,
-                          log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> SSHTunnel:
-        """Log in as ``user`` on the forwarded port with the client key, the host key pinned.
+                          log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+                          dialed: socket.socket | None = None) -> SSHTunnel:
+        """Log in as ``user`` on the forwarded port with the client key, the host key pinned;
+        over ``dialed`` (a connection to the port made ahead) first, if given.
 
         Raises:
             SandboxError: no login (HostKeyMismatch, SandboxConnectionError, SandboxTimeout).
@@ -263,7 +266,7 @@ class Machine:
         pkey = await to_thread(self.keys.client_key)
         tunnel = SSHTunnel("127.0.0.1", self.ssh_port, user, pkey, host_key=self.keys.host_public,
                            connect_timeout=10, reconnect_timeout=reconnect_timeout,
-                           logger=log or self.log)  # type: ignore[arg-type]
+                           logger=log or self.log, sock=dialed)  # type: ignore[arg-type]
         try:
             await to_thread(tunnel.ensure_connected, 10)
         except BaseException:

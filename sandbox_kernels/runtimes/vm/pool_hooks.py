@@ -11,12 +11,15 @@ slot's lock passes to it as a descriptor, so the slot is never free in between.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...aio import to_thread
 from ...pool.client import PoolClient
 from ...pool.warm_pool import SlotBusy
+from ...ssh.dialed import DialedAhead
 from . import golden, slot_queue
 from .qemu_process import qemu_pid
 from .slots import VMSlot, acquire_slot, slots_dir, try_acquire_slot
@@ -82,13 +85,35 @@ def ask_pool_for_slot(prov: LibvirtProvisioner) -> None:
 _asking: set[asyncio.Future[None]] = set()  # running requests (held until done)
 
 
-def adopt_slot(fds: list[int]) -> VMSlot | None:
-    """The claimed VM's slot, from the descriptor passed along (None if none came)."""
+def hand_over_fds(slot: VMSlot | None, ahead: DialedAhead | None) -> list[int]:
+    """What passes to the claimer: the VM slot's lock, then the connection to the guest's sshd
+    dialed ahead, if it is still open (the caller closes them once passed)."""
+    if slot is None:
+        if ahead is not None:
+            ahead.close()
+        return []
+    fds = [slot.hand_over()]
+    sock = ahead.take() if ahead is not None else None
+    if sock is not None:
+        fds.append(sock.detach())
+    return fds
+
+
+def adopt_fds(fds: list[int]) -> tuple[VMSlot | None, DialedAhead | None]:
+    """The claimed VM's slot and the connection dialed ahead, from the descriptors passed
+    along by :func:`hand_over_fds` (None for what did not come)."""
     if not fds:
-        return None
-    for extra in fds[1:]:
-        VMSlot(extra, Path("")).release()
-    return VMSlot(fds[0], slots_dir() / "(claimed from the warm pool)")
+        return None, None
+    slot = VMSlot(fds[0], slots_dir() / "(claimed from the warm pool)")
+    ahead = None
+    if len(fds) > 1:
+        try:
+            ahead = DialedAhead.received(socket.socket(fileno=fds[1]))
+        except OSError:  # not a socket: nothing to log in over
+            os.close(fds[1])
+    for extra in fds[2:]:
+        os.close(extra)
+    return slot, ahead
 
 
 def identity(prov: LibvirtProvisioner) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ...settings import check_name, env_default, parse_size
 from ...ssh.keys import create_sandbox_keys, load_private_key
 from ...remote.ssh_provisioner import SSHKernelProvisioner
 from ...snapshots.model import Capabilities, Snapshot
+from ...ssh.dialed import DialedAhead
 from ...ssh.tunnel import SSHTunnel
 from . import golden, image_policy, overlay, pool_hooks
 from .domain_xml import check_cmdline_word, check_memory_mib, check_vcpus
@@ -151,6 +152,8 @@ class LibvirtProvisioner(SSHKernelProvisioner):
         #: The kernel's VM, once assembled (see :meth:`assemble_machine`).
         self.machine: Machine | None = None
         self.ssh_port: int | None = None
+        #: A pool member's connection to its sshd dialed ahead; the claimer's, received.
+        self.ssh_ahead: DialedAhead | None = None
         self._keys: dict[str, str] = {}
         #: How the VM started: "boot", or "golden" (restored from a golden snapshot).
         self.start_mode = ""
@@ -341,7 +344,8 @@ class LibvirtProvisioner(SSHKernelProvisioner):
 
     async def open_tunnel(self) -> SSHTunnel:
         """Connect to the forwarded port with the per-kernel key, pinning the seeded host key."""
-        return await self.machine_now().open_tunnel(self.ssh_user, self.ssh_ready_timeout, self.log)
+        dialed = self.ssh_ahead.take(self.ssh_port) if self.ssh_ahead is not None and self.ssh_port else None
+        return await self.machine_now().open_tunnel(self.ssh_user, self.ssh_ready_timeout, self.log, dialed)
 
     def preload_kernels(self) -> bool:
         """Fork kernels from a preloaded process (the VM goes with the kernel)."""
@@ -376,11 +380,18 @@ class LibvirtProvisioner(SSHKernelProvisioner):
             await to_thread(self._host.close)
             self._host = None
         slot, self._slot = self._slot, None
-        return [slot.hand_over()] if slot is not None else []
+        return pool_hooks.hand_over_fds(slot, self.ssh_ahead)
 
     def take_over(self, fds: list[int]) -> None:
-        """Hold the claimed VM's slot."""
-        self._slot = pool_hooks.adopt_slot(fds)
+        """Hold the claimed VM's slot, and log in over the connection dialed ahead."""
+        self._slot, self.ssh_ahead = pool_hooks.adopt_fds(fds)
+
+    async def keep_warm(self) -> None:
+        """Keep a connection to the guest's sshd dialed ahead (its banner waiting)."""
+        if self.ssh_port:
+            if self.ssh_ahead is None:
+                self.ssh_ahead = DialedAhead("127.0.0.1", self.ssh_port)
+            await to_thread(self.ssh_ahead.refresh)
 
     async def pool_identity(self) -> dict[str, Any]:
         """The images' file identities: a rebuilt image is a new pool."""
@@ -403,6 +414,8 @@ class LibvirtProvisioner(SSHKernelProvisioner):
                 self.log.warning("Kernel %s: could not sync workspace %r before power-off: %s",
                                  self.kernel_id, self.workspace, e)
         await self.close_tunnel()
+        if self.ssh_ahead is not None:
+            self.ssh_ahead.close()
         machine, self.machine = self.machine, None
         try:
             host = await self._libvirt()
