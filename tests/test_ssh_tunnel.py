@@ -639,6 +639,7 @@ def test_a_login_over_a_connection_dialed_ahead(sshd: SSHServer, server_port: in
         tun.ensure_connected(10)
         assert _echo_once(tun.forward(0, server_port)) == b"ping"
         assert _sshd_connections(sshd) == before + 1, "the tunnel dialed again instead of using its connection"
+        assert tun.used_dialed
     with socket.socket() as elsewhere:
         elsewhere.bind(("127.0.0.1", 0))
         elsewhere.listen(1)
@@ -647,6 +648,7 @@ def test_a_login_over_a_connection_dialed_ahead(sshd: SSHServer, server_port: in
         with _tunnel(sshd, sock=stale) as tun:
             tun.ensure_connected(10)
             assert _echo_once(tun.forward(0, server_port)) == b"ping"
+            assert not tun.used_dialed
     assert stale.fileno() == -1, "the stale connection was not closed"
     assert _sshd_connections(sshd) == before + 2
 

@@ -87,6 +87,8 @@ async def test_a_vm_start_is_claimed_from_the_pool(vm_pool: Path, phases: list[d
         mine = _of(phases, km.kernel_id)
         assert mine[0] == "claimed" and mine[-1] == "ready", mine
         assert not {"queued", "restoring", "booting", "reseeding", "creating"} & set(mine), mine
+        assert prov.tunnel is not None and prov.tunnel.used_dialed, \
+            "the claimed VM's login did not use the connection its pool member dialed ahead"
         out = await run_cell(kc, "import socket; x = 41; print(socket.gethostname(), x + 1)", timeout=TIMEOUT)
         assert out["stdout"] == f"sandbox-{member[:8]} 42\n", out
         await km.restart_kernel(now=True)  # in the claimed VM, with the kernel's own tunnel

@@ -121,6 +121,8 @@ class SSHTunnel(RemoteCommands):
         self._last_error: BaseException | None = None
         self._connecting_sock: socket.socket | None = None
         self._dialed = sock  # for the first attempt only
+        #: Whether the first login went over the connection given as ``sock``.
+        self.used_dialed = False
         self._forwards = Forwards(self._name, self._logger, self._closing, self._keep_connected,
                                   self._on_accept, self._set_error)
 
@@ -349,6 +351,8 @@ class SSHTunnel(RemoteCommands):
                 dialed, self._dialed = self._dialed, None
             transport = self._connector.open_with_backoff(deadline, self._connect_timeout, self._closing,
                                                           self._track_connecting, self._set_error, dialed)
+            if dialed is not None:
+                self.used_dialed = transport.sock is dialed
             try:
                 self._install(transport)
                 return
