@@ -4,6 +4,7 @@ and idle pools are drained, a waiting VM start gets a slot back, refills retry."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
@@ -70,6 +71,20 @@ async def _filled(agent: Agent, r: Recipe) -> WarmPool:
     pool = agent.want(r)
     await until(lambda: len(pool.ready) >= r.target and pool.starting is None, what="the pool to fill")
     return pool
+
+
+@contextlib.asynccontextmanager
+async def serving(state_root: Path, r: Recipe) -> AsyncIterator[tuple[Agent, asyncio.Future[None]]]:
+    """An agent serving its socket with ``r``'s pool wanted; its run is cancelled at the end if
+    the test did not stop it."""
+    agent = Agent(AgentPaths.for_state_root(str(state_root)))
+    assert agent.take_lock()
+    run = asyncio.ensure_future(agent.run(r))
+    try:
+        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
+        yield agent, run
+    finally:
+        run.cancel()
 
 
 async def test_a_ready_member_is_handed_out_once(agent: Agent, members: FakeMembers) -> None:
@@ -263,36 +278,32 @@ async def test_over_the_socket_a_claim_passes_its_descriptors(state_root: Path, 
         return [pipes[-1][1]]
 
     members.fds = fds
-    agent = Agent(AgentPaths.for_state_root(str(state_root)))
-    assert agent.take_lock()
     client = PoolClient(str(state_root), timeout=10)
     r = recipe(size=1)
-    run = asyncio.ensure_future(agent.run(r))
     try:
-        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
-        assert oct(agent.paths.root.stat().st_mode & 0o777) == "0o700"
-        await _filled(agent, r)
-        claimed = await asyncio.to_thread(client.claim, r)
-        member, got = claimed.member, claimed.fds
-        claimed.release()
-        assert member is not None and len(got) == 1
-        os.write(got[0], b"slot")
-        os.close(got[0])
-        assert os.read(pipes[0][0], 10) == b"slot"
-        with pytest.raises(OSError):
-            os.fstat(pipes[0][1])  # the agent closed its own copy once sent
-        with pytest.raises(SandboxError, match="unknown pool request"):
-            await asyncio.to_thread(client.request, {"op": "dance"})
-        with pytest.raises(SandboxError, match="not a pool recipe"):
-            await asyncio.to_thread(client.request, {"op": "claim", "recipe": {"x": 1}})
-        status = await asyncio.to_thread(client.status)
-        assert status["running"] and status["pid"] == os.getpid()
-        assert await asyncio.to_thread(client.stop)
-        await asyncio.wait_for(run, 10)
-        assert not await asyncio.to_thread(client.running)
-        assert (await asyncio.to_thread(client.status))["running"] is False
+        async with serving(state_root, r) as (agent, run):
+            assert oct(agent.paths.root.stat().st_mode & 0o777) == "0o700"
+            await _filled(agent, r)
+            claimed = await asyncio.to_thread(client.claim, r)
+            member, got = claimed.member, claimed.fds
+            claimed.release()
+            assert member is not None and len(got) == 1
+            os.write(got[0], b"slot")
+            os.close(got[0])
+            assert os.read(pipes[0][0], 10) == b"slot"
+            with pytest.raises(OSError):
+                os.fstat(pipes[0][1])  # the agent closed its own copy once sent
+            with pytest.raises(SandboxError, match="unknown pool request"):
+                await asyncio.to_thread(client.request, {"op": "dance"})
+            with pytest.raises(SandboxError, match="not a pool recipe"):
+                await asyncio.to_thread(client.request, {"op": "claim", "recipe": {"x": 1}})
+            status = await asyncio.to_thread(client.status)
+            assert status["running"] and status["pid"] == os.getpid()
+            assert await asyncio.to_thread(client.stop)
+            await asyncio.wait_for(run, 10)
+            assert not await asyncio.to_thread(client.running)
+            assert (await asyncio.to_thread(client.status))["running"] is False
     finally:
-        run.cancel()
         for r_fd, _ in pipes:
             os.close(r_fd)
 
@@ -338,12 +349,8 @@ async def test_claims_over_the_socket_at_once_never_share_a_member(state_root: P
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Many clients (threads, each its own connection) claim at the same moment."""
     monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
-    agent = Agent(AgentPaths.for_state_root(str(state_root)))
-    assert agent.take_lock()
     r = recipe(size=4)
-    run = asyncio.ensure_future(agent.run(r))
-    try:
-        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
+    async with serving(state_root, r) as (agent, run):
         await _filled(agent, r)
         barrier = threading.Barrier(12)
 
@@ -362,8 +369,6 @@ async def test_claims_over_the_socket_at_once_never_share_a_member(state_root: P
         assert all(m.handed_over <= 1 for m in members.made)
         await asyncio.to_thread(PoolClient(str(state_root)).stop)
         await asyncio.wait_for(run, 10)
-    finally:
-        run.cancel()
 
 
 async def test_a_claim_holds_the_refill_until_its_kernel_is_connected(state_root: Path, members: FakeMembers,
@@ -372,13 +377,9 @@ async def test_a_claim_holds_the_refill_until_its_kernel_is_connected(state_root
     refill begins while the claimer holds its connection open; it begins once it lets go,
     or once ``HOLD_MAX`` passes for a claimer that never does."""
     monkeypatch.setattr(agent_module, "CHECK_EVERY", 0.01)
-    agent = Agent(AgentPaths.for_state_root(str(state_root)))
-    assert agent.take_lock()
     client = PoolClient(str(state_root), timeout=10)
     r = recipe(size=1)
-    run = asyncio.ensure_future(agent.run(r))
-    try:
-        await until(lambda: agent.paths.socket.exists() and r.key() in agent.pools, what="the agent")
+    async with serving(state_root, r) as (agent, run):
         pool = await _filled(agent, r)
         claimed = await asyncio.to_thread(client.claim, r)
         assert claimed.member is not None and claimed.hold is not None
@@ -402,5 +403,4 @@ async def test_a_claim_holds_the_refill_until_its_kernel_is_connected(state_root
         assert await asyncio.to_thread(client.stop)
         await asyncio.wait_for(run, 10)  # a held claim does not keep the agent from stopping
         stuck.release()
-    finally:
-        run.cancel()
+
