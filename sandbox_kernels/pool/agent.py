@@ -98,7 +98,7 @@ class Agent:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths.socket)
-            self._stop.set()  # ends claimers' holds (see _hold_refills)
+            self._stop.set()  # ends claimers' holds (see _until_let_go)
             if self._serving:  # answer what was accepted (`pool stop` itself) before exiting
                 await asyncio.gather(*self._serving, return_exceptions=True)
             await shielded(self.drain_all())
