@@ -395,6 +395,7 @@ def test_a_channel_that_opens_after_its_forward_paused_is_dropped(sshd: SSHServe
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
+    full.settimeout(60)  # sshd's SYN gets in at its next retransmission (seconds)
     old_port = full.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", old_port), timeout=10)
     tun = _tunnel(sshd, connect_timeout=60.0)
