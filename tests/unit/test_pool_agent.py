@@ -73,6 +73,14 @@ async def _filled(agent: Agent, r: Recipe) -> WarmPool:
     return pool
 
 
+def _closed(write_end: int, read_end: int) -> bool:
+    """Whether ``write_end`` no longer is that pipe's (closed, or its number reused)."""
+    try:
+        return os.fstat(write_end).st_ino != os.fstat(read_end).st_ino
+    except OSError:
+        return True
+
+
 @contextlib.asynccontextmanager
 async def serving(state_root: Path, r: Recipe) -> AsyncIterator[tuple[Agent, asyncio.Future[None]]]:
     """An agent serving its socket with ``r``'s pool wanted; its run is cancelled at the end if
@@ -291,8 +299,7 @@ async def test_over_the_socket_a_claim_passes_its_descriptors(state_root: Path, 
             os.write(got[0], b"slot")
             os.close(got[0])
             assert os.read(pipes[0][0], 10) == b"slot"
-            with pytest.raises(OSError):
-                os.fstat(pipes[0][1])  # the agent closed its own copy once sent
+            await until(lambda: _closed(pipes[0][1], pipes[0][0]), what="the agent to close its copy once sent")
             with pytest.raises(SandboxError, match="unknown pool request"):
                 await asyncio.to_thread(client.request, {"op": "dance"})
             with pytest.raises(SandboxError, match="not a pool recipe"):
